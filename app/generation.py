@@ -1,0 +1,106 @@
+"""The model-server requests behind one API call: submit them, wait until each has started (so
+errors such as an over-long prompt become a proper HTTP status before any byte is streamed),
+then hand out their events, and cancel whatever is left if the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from app.batcher import DynamicBatcher
+from app.errors import APIError, ContextLengthExceeded, InternalError, InvalidRequest, TooManyRequests
+from app.schemas import SamplingFields
+from common.protocol import DoneEvent, ErrorEvent, GenerationRequest, PromptEvent
+
+_ERRORS = {
+    "context_length_exceeded": ContextLengthExceeded,
+    "invalid_request": InvalidRequest,
+    "overloaded": TooManyRequests,
+}
+
+
+def error_from_event(ev: ErrorEvent) -> APIError:
+    cls = _ERRORS.get(ev.code)
+    if cls is TooManyRequests:
+        return TooManyRequests(ev.message)
+    if cls is None:
+        return InternalError(ev.message)
+    return cls(ev.message, param=ev.param)
+
+
+def sampling_kwargs(req: SamplingFields) -> dict:
+    """The fields every generation request shares, with OpenAI's defaults for nulls."""
+    return dict(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        n=req.n or 1,
+        stop=req.stop_list(),
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+    )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Generation:
+    def __init__(self, batcher: DynamicBatcher, reqs: list[GenerationRequest]):
+        self.batcher = batcher
+        self.reqs = reqs
+        self.prompts: dict[str, PromptEvent] = {}
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._early: list = []  # events that arrived while waiting for every prompt event
+        self._choices_left = {r.id: r.n for r in reqs}
+
+    async def start(self) -> None:
+        self.batcher.submit(self.reqs, self._queue)
+        try:
+            while len(self.prompts) < len(self.reqs):
+                ev = await self._next()
+                if isinstance(ev, PromptEvent):
+                    self.prompts[ev.id] = ev
+                else:
+                    self._early.append(ev)
+        except BaseException:
+            await self.cancel()
+            raise
+
+    async def events(self) -> AsyncIterator:
+        """Delta and done events of every request until all choices are done."""
+        while self._early or any(self._choices_left.values()):
+            ev = self._early.pop(0) if self._early else await self._next()
+            if isinstance(ev, DoneEvent):
+                self._choices_left[ev.id] -= 1
+            yield ev
+
+    async def cancel(self) -> None:
+        live = [i for i, left in self._choices_left.items() if left > 0]
+        self._choices_left = dict.fromkeys(self._choices_left, 0)
+        if live:
+            await self.batcher.cancel(live)
+
+    async def _next(self):
+        item = await self._queue.get()
+        if isinstance(item, APIError):
+            raise item
+        if isinstance(item, ErrorEvent):
+            raise error_from_event(item)
+        return item
+
+
+async def until_disconnect(request: Request, work: asyncio.Future):
+    """Await `work`, cancelling it if the HTTP client disconnects first (non-streaming requests)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise asyncio.CancelledError("client disconnected")

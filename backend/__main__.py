@@ -1,0 +1,25 @@
+"""python -m backend [flags]: run the model server (see --help; every flag is also an env var)."""
+
+import logging
+
+import uvicorn
+
+from backend.config import BackendSettings
+from backend.server import create_app
+from common.settings_cli import parse_settings
+
+
+def main() -> None:
+    settings = parse_settings(BackendSettings, description="llama.cpp model server for the internal protocol")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.backend_host,
+        port=settings.backend_port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

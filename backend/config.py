@@ -1,0 +1,26 @@
+"""Model server settings: each field is an env var (upper case) and a flag (--kebab-case)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BackendSettings(BaseSettings):
+    model_config = SettingsConfigDict(protected_namespaces=())
+
+    backend_host: str = Field("127.0.0.1", description="address the model server listens on")
+    backend_port: int = Field(8001, description="port the model server listens on")
+    model: str = Field("default", description="GGUF path, or 'default' for the embedded Gemma 3 270M")
+    model_cache: str = Field("", description="where the default model is assembled (~/.cache/llm-serve/models)")
+    model_name: str = Field("", description="model id clients send (default: the GGUF file name without .gguf)")
+    ctx_size: int = Field(0, description="most tokens per request, prompt + completion (0: min(training ctx, 4096))")
+    n_parallel: int = Field(4, ge=1, description="sequences decoded together (continuous batching slots)")
+    threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: all cores)")
+    batch_size: int = Field(512, ge=32, description="most tokens in one llama_decode")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens per llama_decode (a fixed schedule: output never depends on load)")
+    chat_template: str = Field("", description="'gemma', 'vicuna', 'chatml' or a Jinja file; default: the GGUF's own")
+    extra_buffers: bool = Field(
+        False, description="llama.cpp's extra weight buffers (repack/AMX); AMX crashes on some virtual machines"
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")

@@ -1,0 +1,329 @@
+"""The engine thread: continuous batching over one llama.cpp context.
+
+Each step builds ONE llama_batch with one token for every decoding sequence plus prompt chunks of
+requests being prefilled, calls llama_decode once, samples, and hands the resulting events to each
+request's sink. Requests join and leave between steps. Only this thread touches the context.
+
+A request with n choices prefills its prompt once on its first sequence, then copies those cells to
+the other choices' sequences (llama_memory_seq_cp) instead of prefilling n times.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from backend.llama_model import LlamaModel
+from backend.prepare import PreparedRequest
+from backend.sampling import Sampler, log_softmax_top
+from backend.text_stream import TextStream
+from common.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    PromptEvent,
+    TokenLogprob,
+    TopLogprob,
+)
+
+log = logging.getLogger("backend.engine")
+
+Sink = Callable[[list], None]  # receives a list of protocol events; must be thread-safe
+PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
+
+
+@dataclass
+class _Seq:
+    index: int  # choice index
+    seq_id: int
+    sampler: Sampler
+    text: TextStream
+    n_past: int = 0  # position of last_token
+    last_token: int = -1
+    generated: int = 0
+    done: bool = False
+
+
+@dataclass
+class _Active:
+    prep: PreparedRequest
+    sink: Sink
+    seqs: list[_Seq] = field(default_factory=list)
+    prefilled: int = 0
+    prompt_logprobs: list = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.prep.req.id
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prep.tokens)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256):
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.stats = EngineStats()
+        self._commands: queue.Queue = queue.Queue()
+        self._waiting: deque[_Active] = deque()
+        self._running: list[_Active] = []
+        self._free_seq_ids = list(range(model.n_parallel))
+        self._outbox: dict[int, tuple[Sink, list]] = {}
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._stop = False
+
+    # --- API for other threads ------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    def submit(self, prep: PreparedRequest, sink: Sink) -> None:
+        self._commands.put(("submit", _Active(prep, sink)))
+
+    def cancel(self, ids: list[str]) -> None:
+        self._commands.put(("cancel", set(ids)))
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            self._take_commands(block=not (self._running or self._waiting))
+            self._admit()
+            if self._running:
+                try:
+                    self._step()
+                except Exception as e:  # never let one bad step kill the thread
+                    log.exception("engine step failed")
+                    for act in list(self._running):
+                        self._fail(act, f"internal engine error: {e}")
+            self._flush()
+        for act in list(self._running) + list(self._waiting):
+            self._fail(act, "the model server is shutting down")
+        self._flush()
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = cmd
+            if kind == "stop":
+                self._stop = True
+            elif kind == "submit":
+                self._waiting.append(arg)
+            elif kind == "cancel":
+                self._cancel(arg)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _cancel(self, ids: set[str]) -> None:
+        for act in [a for a in self._waiting if a.id in ids]:
+            self._waiting.remove(act)
+            for i in range(act.prep.req.n):
+                self._emit(act, DoneEvent(id=act.id, index=i, finish_reason="cancelled", completion_tokens=0))
+        for act in [a for a in self._running if a.id in ids]:
+            for seq in act.seqs:
+                if not seq.done:
+                    self._finish(act, seq, "cancelled")
+            self._retire(act)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._free_seq_ids) >= self._waiting[0].prep.req.n:
+            act = self._waiting.popleft()
+            req = act.prep.req
+            for i in range(req.n):
+                params = act.prep.sampling
+                act.seqs.append(
+                    _Seq(
+                        index=i,
+                        seq_id=self._free_seq_ids.pop(),
+                        sampler=Sampler(params, self.model.n_vocab, seed_offset=i),
+                        text=TextStream(req.stop),
+                    )
+                )
+            self._running.append(act)
+
+    def _step(self) -> None:
+        """One token for every decoding sequence, then one prompt chunk of the oldest prefilling
+        request, each in its own llama_decode.
+
+        Why two calls, not one mixed batch: llama.cpp's CPU kernels give a token slightly different
+        logits when other sequences' multi-token chunks share its ubatch (tests/test_engine.py
+        shows it), which would make greedy output depend on concurrency. A batch of single tokens
+        of distinct sequences is invariant, and so is a chunk that holds one sequence alone on a
+        fixed schedule, so every request decodes exactly as it would alone."""
+        m = self.model
+        decoding = [(a, s) for a in self._running if a.decoding for s in a.seqs if not s.done]
+        if decoding:
+            m.batch_clear()
+            slots = [(act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)) for act, seq in decoding]
+            self._decode()
+            for act, seq, idx in slots:
+                self._accept(act, seq, idx)
+        act = next((a for a in self._running if not a.decoding), None)
+        if act is not None:
+            self._prefill_chunk(act)
+        self._running = [a for a in self._running if not all(s.done for s in a.seqs)]
+
+    def _prefill_chunk(self, act: _Active) -> None:
+        m = self.model
+        tokens = act.prep.tokens
+        want_all = act.prep.req.prompt_logprobs
+        start = act.prefilled
+        end = min(len(tokens), start + (PROMPT_LOGPROBS_CHUNK if want_all else self.prefill_chunk))
+        seq_id = act.seqs[0].seq_id
+        m.batch_clear()
+        for pos in range(start, end):
+            m.batch_add(tokens[pos], pos, seq_id, want_all or pos == len(tokens) - 1)
+        self._decode()
+        self.stats.prompt_tokens += end - start
+        if want_all:
+            self._collect_prompt_logprobs(act, start, end)
+        act.prefilled = end
+        if act.decoding:
+            self._start_decoding(act, end - start - 1)
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        rc = self.model.decode()
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.steps += 1
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def _start_decoding(self, act: _Active, last_idx: int) -> None:
+        req = act.prep.req
+        n_prompt = len(act.prep.tokens)
+        self._emit(
+            act,
+            PromptEvent(
+                id=act.id,
+                prompt_tokens=n_prompt,
+                text=act.prep.prompt_text,
+                logprobs=act.prompt_logprobs if req.prompt_logprobs else None,
+            ),
+        )
+        main = act.seqs[0].seq_id
+        for seq in act.seqs:
+            if seq.seq_id != main:
+                self.model.seq_cp(main, seq.seq_id)
+            seq.n_past = n_prompt - 1
+            if act.prep.max_tokens == 0:
+                self._finish(act, seq, "length")
+            else:
+                self._accept(act, seq, last_idx)
+
+    def _accept(self, act: _Active, seq: _Seq, idx: int) -> None:
+        """Sample the sequence's next token from output `idx` and emit what it adds."""
+        m = self.model
+        logits = m.logits(idx)
+        token = seq.sampler.sample(m.ctx, idx, logits)
+        seq.generated += 1
+        self.stats.tokens_generated += 1
+        seq.n_past += 1
+        seq.last_token = token
+        if m.is_eog(token):
+            self._finish(act, seq, "stop")
+            return
+        text, stopped = seq.text.push(m.token_bytes(token))
+        lp = None
+        if act.prep.req.logprobs is not None:
+            lp = [self._token_logprob(logits, token, act.prep.req.logprobs)]
+        self._emit(act, DeltaEvent(id=act.id, index=seq.index, text=text, token_ids=[token], logprobs=lp))
+        if stopped:
+            self._finish(act, seq, "stop", flush=False)
+        elif seq.generated >= act.prep.max_tokens or seq.n_past >= m.n_ctx_per_seq:
+            self._finish(act, seq, "length")
+
+    def _token_logprob(self, logits, token: int, top_n: int) -> TokenLogprob:
+        m = self.model
+        chosen, top = log_softmax_top(logits, token, top_n)
+        piece = m.token_bytes(token)
+        return TokenLogprob(
+            token_id=token,
+            token=piece.decode("utf-8", "replace"),
+            bytes=list(piece),
+            logprob=chosen,
+            top=[
+                TopLogprob(token_id=t, token=(b := m.token_bytes(t)).decode("utf-8", "replace"), bytes=list(b), logprob=lp)
+                for t, lp in top
+            ],
+        )
+
+    def _collect_prompt_logprobs(self, act: _Active, start: int, end: int) -> None:
+        # Row j's logits predict prompt token j+1.
+        tokens = act.prep.tokens
+        top_n = act.prep.req.logprobs or 0
+        if start == 0:
+            piece = self.model.token_bytes(tokens[0])
+            act.prompt_logprobs.append(
+                TokenLogprob(token_id=tokens[0], token=piece.decode("utf-8", "replace"), bytes=list(piece), logprob=None)
+            )
+        for j in range(start, min(end, len(tokens) - 1)):
+            act.prompt_logprobs.append(self._token_logprob(self.model.logits(j - start), tokens[j + 1], top_n))
+
+    def _finish(self, act: _Active, seq: _Seq, reason: FinishReason, flush: bool = True) -> None:
+        if flush and reason != "cancelled":
+            tail = seq.text.flush()
+            if tail:
+                self._emit(act, DeltaEvent(id=act.id, index=seq.index, text=tail, token_ids=[]))
+        seq.done = True
+        self._emit(
+            act, DoneEvent(id=act.id, index=seq.index, finish_reason=reason, completion_tokens=seq.generated)
+        )
+        self.model.seq_rm(seq.seq_id)
+        seq.sampler.close()
+        self._free_seq_ids.append(seq.seq_id)
+
+    def _retire(self, act: _Active) -> None:
+        if act in self._running:
+            self._running.remove(act)
+
+    def _fail(self, act: _Active, message: str) -> None:
+        for seq in act.seqs:
+            if not seq.done:
+                seq.done = True
+                self.model.seq_rm(seq.seq_id)
+                seq.sampler.close()
+                self._free_seq_ids.append(seq.seq_id)
+        self._emit(act, ErrorEvent(id=act.id, message=message, code="internal"))
+        self._retire(act)
+        if act in self._waiting:
+            self._waiting.remove(act)
+
+    # --- events ---------------------------------------------------------------------------------
+    def _emit(self, act: _Active, event) -> None:
+        key = id(act.sink)
+        if key not in self._outbox:
+            self._outbox[key] = (act.sink, [])
+        self._outbox[key][1].append(event)
+
+    def _flush(self) -> None:
+        # One hand-over per sink per step, not one per token.
+        for sink, events in self._outbox.values():
+            sink(events)
+        self._outbox.clear()

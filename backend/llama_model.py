@@ -1,0 +1,175 @@
+"""A loaded GGUF and its llama.cpp context, through llama-cpp-python's low-level bindings.
+
+Owns the llama_model, llama_context and one llama_batch. Everything that touches the context must
+run on the engine thread; tokenizing and reading vocabulary/metadata only reads the model and may
+run anywhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+
+log = logging.getLogger("backend.llama")
+
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 INFO, 3 WARN, 4 ERROR
+
+
+@llama.llama_log_callback
+def _llama_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty at INFO/DEBUG; forward only warnings and errors.
+    if level in _LOG_LEVELS and text:
+        log.log(_LOG_LEVELS[level], text.decode("utf-8", "replace").rstrip())
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    n_ctx_per_seq: int  # 0: min(training context, 4096)
+    n_parallel: int
+    n_threads: int  # 0: all cores
+    n_batch: int
+    extra_buffers: bool  # llama.cpp's repack/AMX weight buffers; AMX crashes on some VMs
+
+
+class LlamaModel:
+    def __init__(self, path: Path, cfg: ContextConfig):
+        llama.llama_log_set(_llama_log, None)
+        llama.llama_backend_init()
+        mparams = llama.llama_model_default_params()
+        mparams.use_extra_bufts = cfg.extra_buffers
+        self.path = path
+        self.model = llama.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load the model {path}")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
+        self.n_ctx_per_seq = cfg.n_ctx_per_seq or min(self.n_ctx_train, 4096)
+        self.n_parallel = cfg.n_parallel
+        self.n_batch = cfg.n_batch
+        self.bos = llama.llama_vocab_bos(self.vocab)
+        self.eos = llama.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+
+        cparams = llama.llama_context_default_params()
+        # Every sequence may reach n_ctx_per_seq; they share one unified cell pool (needed for seq_cp).
+        cparams.n_ctx = self.n_ctx_per_seq * cfg.n_parallel
+        cparams.n_batch = cfg.n_batch
+        cparams.n_ubatch = cfg.n_batch
+        cparams.n_seq_max = llama.llama_max_parallel_sequences()
+        cparams.kv_unified = True
+        cparams.swa_full = True  # removing cells from a sliding-window cache needs the full-size one
+        threads = cfg.n_threads or os.cpu_count() or 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        self.ctx = llama.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.n_seq_max = cparams.n_seq_max
+        self.batch = llama.llama_batch_init(cfg.n_batch, 0, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # --- metadata -------------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        raw = llama.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    # --- vocabulary -----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (llama.llama_token * cap)()
+            n = llama.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The token's text as raw bytes (special tokens render as nothing)."""
+        n = llama.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        arr = (llama.llama_token * max(1, len(tokens)))(*tokens)
+        cap = len(tokens) * 16 + 16
+        buf = ctypes.create_string_buffer(cap)
+        n = llama.llama_detokenize(self.vocab, arr, len(tokens), buf, cap, True, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_detokenize(self.vocab, arr, len(tokens), buf, -n, True, False)
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+    def special_text(self, token: int) -> str:
+        """The text of a special token such as BOS, for chat templates."""
+        raw = llama.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    # --- decoding (engine thread only) ----------------------------------------------------------
+    def batch_clear(self) -> None:
+        self.batch.n_tokens = 0
+
+    def batch_add(self, token: int, pos: int, seq_id: int, output: bool) -> int:
+        """Append one token to the batch; returns its index (the output index if `output`)."""
+        b = self.batch
+        i = b.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq_id
+        b.logits[i] = output
+        b.n_tokens = i + 1
+        return i
+
+    def decode(self) -> int:
+        return llama.llama_decode(self.ctx, self.batch)
+
+    def logits(self, i: int) -> np.ndarray:
+        """A zero-copy view of the logits of batch index i (valid until the next decode)."""
+        ptr = llama.llama_get_logits_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        return llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        llama.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            llama.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama.llama_model_free(self.model)
+            self.model = None

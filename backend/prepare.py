@@ -1,0 +1,88 @@
+"""Turns a protocol GenerationRequest into what the engine runs: prompt tokens, limits, sampling.
+
+Runs on the caller's thread (it only reads the vocabulary), so tokenizing a long prompt never stalls
+the decode loop. Client mistakes come back as ErrorEvents, never exceptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from backend.chat_template import ChatTemplate, ChatTemplateError
+from backend.llama_model import LlamaModel
+from backend.sampling import SamplingParams
+from common.protocol import ErrorEvent, GenerationRequest
+
+
+@dataclass
+class PreparedRequest:
+    req: GenerationRequest
+    tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    prompt_text: str | None
+
+
+def prepare(model: LlamaModel, template: ChatTemplate, req: GenerationRequest) -> PreparedRequest | ErrorEvent:
+    def error(message: str, param: str | None = None, code: str = "invalid_request") -> ErrorEvent:
+        return ErrorEvent(id=req.id, message=message, param=param, code=code)
+
+    if (req.messages is None) == (req.prompt is None):
+        return error("Give exactly one of 'prompt' and 'messages'.", "prompt")
+    if req.n > model.n_parallel:
+        return error(
+            f"n={req.n} is more than this server decodes at once (N_PARALLEL={model.n_parallel}).", "n"
+        )
+    if req.messages is not None:
+        try:
+            text = template.render(
+                [m.model_dump() for m in req.messages],
+                bos_token=model.special_text(model.bos),
+                eos_token=model.special_text(model.eos),
+            )
+        except ChatTemplateError as e:
+            return error(str(e), "messages")
+        tokens = model.tokenize(text, add_special=False)
+        if model.add_bos and (not tokens or tokens[0] != model.bos):
+            tokens.insert(0, model.bos)
+    elif isinstance(req.prompt, str):
+        tokens = model.tokenize(req.prompt, add_special=True)
+    else:
+        tokens = list(req.prompt)
+        bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
+        if bad is not None:
+            return error(f"Token id {bad} is outside the vocabulary (0..{model.n_vocab - 1}).", "prompt")
+    if not tokens:
+        return error("The prompt is empty.", "prompt")
+
+    n_ctx = model.n_ctx_per_seq
+    wanted = len(tokens) + (req.max_tokens or 0)
+    if wanted > n_ctx or (req.max_tokens is None and len(tokens) >= n_ctx):
+        return error(
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested {wanted} "
+            f"tokens ({len(tokens)} in the prompt, {req.max_tokens or 0} for the completion). "
+            "Please reduce the prompt or the completion length.",
+            "max_tokens" if req.max_tokens else ("messages" if req.messages is not None else "prompt"),
+            "context_length_exceeded",
+        )
+    bad = next((t for t in req.logit_bias if not 0 <= t < model.n_vocab), None)
+    if bad is not None:
+        return error(f"logit_bias names token {bad}, outside the vocabulary.", "logit_bias")
+
+    prompt_text = None
+    if req.echo_prompt:
+        prompt_text = req.prompt if isinstance(req.prompt, str) else model.detokenize(tokens)
+    return PreparedRequest(
+        req=req,
+        tokens=tokens,
+        max_tokens=req.max_tokens if req.max_tokens is not None else n_ctx - len(tokens),
+        sampling=SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=tuple(sorted(req.logit_bias.items())),
+        ),
+        prompt_text=prompt_text,
+    )

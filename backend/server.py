@@ -1,0 +1,190 @@
+"""The model server's HTTP front: the internal protocol of common/protocol.py over FastAPI.
+
+The model loads in the background so /health can answer "loading" meanwhile. /generate streams
+NDJSON: one line per event, lines of one engine step written together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from backend.chat_template import ChatTemplate, choose_template
+from backend.config import BackendSettings
+from backend.engine import Engine
+from backend.llama_model import ContextConfig, LlamaModel
+from backend.model_files import resolve_model
+from backend.prepare import PreparedRequest, prepare
+from common.protocol import (
+    CancelRequest,
+    CancelResponse,
+    DoneEvent,
+    ErrorEvent,
+    GenerateBatch,
+    Health,
+    ModelInfo,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+log = logging.getLogger("backend.server")
+
+
+class ModelService:
+    """Loads the model once and holds what the routes need."""
+
+    def __init__(self, settings: BackendSettings):
+        self.settings = settings
+        self.model: LlamaModel | None = None
+        self.engine: Engine | None = None
+        self.template: ChatTemplate | None = None
+        self.info: ModelInfo | None = None
+        self.error: str | None = None
+        self.active_ids: set[str] = set()
+
+    def load(self) -> None:
+        try:
+            s = self.settings
+            path = resolve_model(s.model, Path(s.model_cache) if s.model_cache else None)
+            log.info("loading %s", path)
+            model = LlamaModel(
+                path,
+                ContextConfig(s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers),
+            )
+            self.template = choose_template(
+                s.chat_template, model.chat_template(), model.meta("general.architecture") or "", model.meta("general.name") or path.name
+            )
+            self.engine = Engine(model, prefill_chunk=s.prefill_chunk)
+            self.engine.start()
+            self.info = ModelInfo(
+                name=s.model_name or path.name.removesuffix(".gguf"),
+                path=str(path),
+                n_ctx=model.n_ctx_per_seq,
+                n_vocab=model.n_vocab,
+                n_parallel=model.n_parallel,
+                chat_template=self.template.text,
+                chat_template_source=self.template.source,
+                created=int(time.time()),
+            )
+            self.model = model
+            log.info("ready: %s (n_ctx %d per request, %d parallel)", self.info.name, model.n_ctx_per_seq, model.n_parallel)
+        except Exception as e:  # reported by /health; the process stays up to say why
+            log.exception("model failed to load")
+            self.error = f"{type(e).__name__}: {e}"
+
+    def health(self) -> Health:
+        if self.error:
+            return Health(status="error", detail=self.error)
+        if self.model is None:
+            return Health(status="loading")
+        if not self.engine.is_alive():
+            return Health(status="error", detail="engine thread stopped")
+        return Health(status="ok")
+
+    def prepare_all(self, batch: GenerateBatch) -> list[PreparedRequest | ErrorEvent]:
+        out = []
+        seen: set[str] = set()
+        for req in batch.requests:
+            if req.id in seen or req.id in self.active_ids:
+                out.append(ErrorEvent(id=req.id, message=f"request id {req.id!r} is already in use", code="invalid_request"))
+            else:
+                out.append(prepare(self.model, self.template, req))
+            seen.add(req.id)
+        return out
+
+
+def not_ready(service: ModelService) -> JSONResponse:
+    return JSONResponse(service.health().model_dump(), status_code=503)
+
+
+def create_app(settings: BackendSettings, service: ModelService | None = None) -> FastAPI:
+    service = service or ModelService(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if service.model is None and service.error is None:
+            threading.Thread(target=service.load, name="model-load", daemon=True).start()
+        yield
+        if service.engine is not None:
+            await asyncio.to_thread(service.engine.shutdown)
+
+    app = FastAPI(title="llm-serve model server", lifespan=lifespan)
+    app.state.service = service
+
+    @app.get("/health", response_model=Health)
+    async def health():
+        h = service.health()
+        return JSONResponse(h.model_dump(), status_code=200 if h.status == "ok" else 503)
+
+    @app.get("/info", response_model=ModelInfo)
+    async def info():
+        return service.info if service.health().status == "ok" else not_ready(service)
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest):
+        if service.health().status != "ok":
+            return not_ready(service)
+        return TokenizeResponse(tokens=service.model.tokenize(body.text, add_special=body.add_special))
+
+    @app.post("/cancel", response_model=CancelResponse)
+    async def cancel(body: CancelRequest):
+        live = [i for i in body.ids if i in service.active_ids]
+        if live and service.engine is not None:
+            service.engine.cancel(live)
+        return CancelResponse(cancelled=live)
+
+    @app.post("/generate")
+    async def generate(batch: GenerateBatch):
+        if service.health().status != "ok":
+            return not_ready(service)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list] = asyncio.Queue()
+
+        def sink(events: list) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(inbox.put_nowait, events)
+
+        prepared = await asyncio.to_thread(service.prepare_all, batch)
+        remaining: dict[str, int] = {}
+        first_lines = []
+        for item in prepared:
+            if isinstance(item, ErrorEvent):
+                first_lines.append(item.model_dump_json() + "\n")
+            else:
+                remaining[item.req.id] = item.req.n
+                service.active_ids.add(item.req.id)
+                service.engine.submit(item, sink)
+        return StreamingResponse(_stream(service, inbox, remaining, first_lines), media_type="application/x-ndjson")
+
+    return app
+
+
+async def _stream(
+    service: ModelService, inbox: asyncio.Queue, remaining: dict[str, int], first_lines: list[str]
+) -> AsyncIterator[str]:
+    try:
+        if first_lines:
+            yield "".join(first_lines)
+        while remaining:
+            events = await inbox.get()
+            for ev in events:
+                if isinstance(ev, DoneEvent) or isinstance(ev, ErrorEvent):
+                    left = remaining.get(ev.id, 0) - 1 if isinstance(ev, DoneEvent) else 0
+                    if left <= 0:
+                        remaining.pop(ev.id, None)
+                        service.active_ids.discard(ev.id)
+                    else:
+                        remaining[ev.id] = left
+            yield "".join(ev.model_dump_json() + "\n" for ev in events)
+    finally:
+        # The client went away (or we are done): stop whatever of this batch still runs.
+        if remaining:
+            service.engine.cancel(list(remaining))
+            service.active_ids.difference_update(remaining)

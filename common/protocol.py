@@ -1,0 +1,140 @@
+"""The internal protocol between the API layer (app/) and the model server (backend/).
+
+Both layers import these models; nothing here knows OpenAI's JSON shapes or llama.cpp.
+
+    POST /generate   GenerateBatch  -> NDJSON stream of Event lines, each tagged with its request id
+    POST /cancel     CancelRequest  -> {"cancelled": [ids still running that were stopped]}
+    GET  /health                    -> Health
+    GET  /info                      -> ModelInfo
+    POST /tokenize   TokenizeRequest -> TokenizeResponse
+
+One /generate call carries a whole batch. Per request the stream holds, in order: one `prompt` event
+(or one `error` event and nothing else), then `delta` events per choice, then one `done` event per
+choice. Closing the /generate connection cancels every request of the batch that is still running.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class GenerationRequest(BaseModel):
+    """One generation: a prompt (text or token ids) or chat messages, and how to sample it."""
+
+    id: str
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int | None = Field(None, ge=0, description="None: up to the context size")
+    temperature: float = Field(1.0, ge=0.0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    stop: list[str] = Field(default_factory=list)
+    n: int = Field(1, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20, description="None: none; k: sampled + top k")
+    echo_prompt: bool = Field(False, description="send the prompt text back in the prompt event")
+    prompt_logprobs: bool = Field(False, description="logprobs of every prompt token (needs logprobs)")
+
+
+class GenerateBatch(BaseModel):
+    requests: list[GenerationRequest] = Field(min_length=1)
+
+
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str  # the token's text; may hold a partial UTF-8 character's replacement
+    bytes: list[int]
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    token_id: int
+    token: str
+    bytes: list[int]
+    logprob: float | None  # None only for a prompt's first token
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class PromptEvent(BaseModel):
+    type: Literal["prompt"] = "prompt"
+    id: str
+    prompt_tokens: int
+    text: str | None = None  # the prompt as text, when echo_prompt
+    logprobs: list[TokenLogprob] | None = None  # prompt_logprobs: one per prompt token
+
+
+class DeltaEvent(BaseModel):
+    type: Literal["delta"] = "delta"
+    id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+class DoneEvent(BaseModel):
+    type: Literal["done"] = "done"
+    id: str
+    index: int
+    finish_reason: FinishReason
+    completion_tokens: int
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"] = "error"
+    id: str
+    message: str
+    code: Literal["context_length_exceeded", "invalid_request", "overloaded", "internal"]
+    param: str | None = None
+
+
+Event = Annotated[Union[PromptEvent, DeltaEvent, DoneEvent, ErrorEvent], Field(discriminator="type")]
+
+
+# Parses one NDJSON line into the right event class.
+event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class CancelRequest(BaseModel):
+    ids: list[str]
+
+
+class CancelResponse(BaseModel):
+    cancelled: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    detail: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    path: str
+    n_ctx: int = Field(description="most tokens (prompt + completion) one request may use")
+    n_vocab: int
+    n_parallel: int = Field(description="sequences decoded together")
+    chat_template: str = Field(description="the Jinja template chat requests are rendered with")
+    chat_template_source: str = Field(description="'gguf' or the name of the built-in fallback")
+    medusa: bool = False
+    created: int = Field(description="unix time the model was loaded")
+
+
+class TokenizeRequest(BaseModel):
+    text: str
+    add_special: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
