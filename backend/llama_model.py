@@ -58,12 +58,14 @@ class LlamaModel:
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
 
         cparams = llama.llama_context_default_params()
-        # Every sequence may reach n_ctx_per_seq; they share one unified cell pool (needed for seq_cp).
+        # One KV stream per sequence (kv_unified off): a sequence's cells then lie in position order
+        # whatever other sequences do, so its attention, and its greedy output, is exactly what it
+        # would be alone; and no query attends over other sequences' masked cells.
         cparams.n_ctx = self.n_ctx_per_seq * cfg.n_parallel
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = cfg.n_batch
-        cparams.n_seq_max = llama.llama_max_parallel_sequences()
-        cparams.kv_unified = True
+        cparams.n_seq_max = cfg.n_parallel
+        cparams.kv_unified = False
         cparams.swa_full = True  # removing cells from a sliding-window cache needs the full-size one
         threads = cfg.n_threads or os.cpu_count() or 1
         cparams.n_threads = threads

@@ -89,6 +89,9 @@ class ModelService:
             return Health(status="error", detail="engine thread stopped")
         return Health(status="ok")
 
+    def prepare_one(self, req) -> PreparedRequest | ErrorEvent:
+        return prepare(self.model, self.template, req)
+
     def prepare_all(self, batch: GenerateBatch) -> list[PreparedRequest | ErrorEvent]:
         out = []
         seen: set[str] = set()
@@ -96,7 +99,7 @@ class ModelService:
             if req.id in seen or req.id in self.active_ids:
                 out.append(ErrorEvent(id=req.id, message=f"request id {req.id!r} is already in use", code="invalid_request"))
             else:
-                out.append(prepare(self.model, self.template, req))
+                out.append(self.prepare_one(req))
             seen.add(req.id)
         return out
 

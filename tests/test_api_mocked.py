@@ -1,0 +1,214 @@
+"""The API layer against a model server mocked at the internal protocol (respx): request schemas,
+the OpenAI error envelope, response shapes and SSE framing."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import respx
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from app.backend_client import BackendClient
+from app.config import AppSettings
+from app.main import create_app
+from common.protocol import DeltaEvent, DoneEvent, ErrorEvent, GenerateBatch, ModelInfo, PromptEvent, TokenLogprob, TopLogprob
+
+BACKEND = "http://backend.test"
+MODEL = "tiny-model"
+INFO = ModelInfo(name=MODEL, path="/m.gguf", n_ctx=128, n_vocab=1000, n_parallel=4, chat_template="", chat_template_source="gemma", created=1)
+
+
+def lp(token: str, logprob: float | None) -> TokenLogprob:
+    top = [TopLogprob(token_id=1, token=token, bytes=list(token.encode()), logprob=logprob),
+           TopLogprob(token_id=2, token="x", bytes=[120], logprob=-3.0)] if logprob is not None else []
+    return TokenLogprob(token_id=1, token=token, bytes=list(token.encode()), logprob=logprob, top=top)
+
+
+def fake_generate(request: httpx.Request) -> httpx.Response:
+    """Each request answers 'Hello world' per choice, or an error picked by its prompt."""
+    batch = GenerateBatch.model_validate_json(request.content)
+    lines = []
+    for r in batch.requests:
+        if r.prompt == "too long":
+            lines.append(ErrorEvent(id=r.id, message="This model's maximum context length is 128 tokens.",
+                                    code="context_length_exceeded", param="prompt"))
+            continue
+        lines.append(PromptEvent(id=r.id, prompt_tokens=3, text=r.prompt if r.echo_prompt else None,
+                                 logprobs=[lp("<p>", None)] if r.prompt_logprobs else None))
+        for i in range(r.n):
+            for word in ("Hello", " world"):
+                lines.append(DeltaEvent(id=r.id, index=i, text=word, token_ids=[7],
+                                        logprobs=[lp(word, -0.5)] if r.logprobs is not None else None))
+            lines.append(DoneEvent(id=r.id, index=i, finish_reason="length", completion_tokens=2))
+    body = "".join(e.model_dump_json() + "\n" for e in lines)
+    return httpx.Response(200, content=body.encode(), headers={"content-type": "application/x-ndjson"})
+
+
+@pytest.fixture
+async def api():
+    with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
+        mock.get("/info").respond(200, content=INFO.model_dump_json())
+        mock.get("/health").respond(200, json={"status": "ok"})
+        mock.post("/generate").mock(side_effect=fake_generate)
+        mock.post("/cancel").respond(200, json={"cancelled": []})
+        app = create_app(AppSettings(backend_url=BACKEND, max_wait_ms=0), BackendClient(BACKEND))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+                client.mock = mock
+                yield client
+
+
+def sse_events(body: str) -> list[str]:
+    """Strict SSE parsing: only 'data: ' lines separated by blank lines, nothing else."""
+    blocks = [b for b in body.split("\n\n") if b.strip()]
+    out = []
+    for b in blocks:
+        assert b.startswith("data: ") and "\n" not in b, f"unexpected SSE block {b!r}"
+        out.append(b[len("data: "):])
+    return out
+
+
+async def test_models_lists_the_backend_model(api):
+    r = await api.get("/v1/models")
+    assert r.status_code == 200
+    assert r.json()["data"][0]["id"] == MODEL and r.json()["object"] == "list"
+
+
+async def test_completion_shape_and_usage(api):
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    c = Completion.model_validate(r.json())
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    assert all(ch.text == "Hello world" and ch.finish_reason == "length" for ch in c.choices)
+    assert c.usage.prompt_tokens == 6 and c.usage.completion_tokens == 8 and c.usage.total_tokens == 14
+
+
+async def test_completion_logprobs_and_echo(api):
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "Say", "echo": True, "logprobs": 1})
+    # As OpenAI does, the echoed first prompt token has null logprobs (the SDK's strict type disagrees).
+    ch = r.json()["choices"][0]
+    assert ch["text"] == "SayHello world"
+    assert ch["logprobs"]["tokens"] == ["<p>", "Hello", " world"]
+    assert ch["logprobs"]["token_logprobs"] == [None, -0.5, -0.5]
+    assert ch["logprobs"]["top_logprobs"][0] is None and ch["logprobs"]["top_logprobs"][1]["Hello"] == -0.5
+    assert ch["logprobs"]["text_offset"] == [0, 3, 8]
+
+
+async def test_chat_shape_and_logprobs(api):
+    r = await api.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "logprobs": True, "top_logprobs": 2, "max_completion_tokens": 2})
+    assert r.status_code == 200, r.text
+    c = ChatCompletion.model_validate(r.json())
+    assert c.choices[0].message.content == "Hello world" and c.choices[0].message.role == "assistant"
+    assert [t.token for t in c.choices[0].logprobs.content] == ["Hello", " world"]
+    assert len(c.choices[0].logprobs.content[0].top_logprobs) == 2
+    sent = GenerateBatch.model_validate_json(api.mock.routes[2].calls.last.request.content).requests[0]
+    assert sent.max_tokens == 2 and sent.logprobs == 2 and sent.messages[0].content == "hi"
+
+
+async def test_chat_stream_framing(api):
+    r = await api.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2,
+        "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e)) for e in events[:-1]]
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    first = {c.choices[0].index: c for c in reversed(chunks) if c.choices}
+    assert all(first[i].choices[0].delta.role == "assistant" for i in (0, 1))
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(ch.delta.content or "" for ch in mine) == "Hello world"
+        assert [ch.finish_reason for ch in mine][-1] == "length"
+        assert all(ch.finish_reason is None for ch in mine[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(api):
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
+    events = sse_events(r.text)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["choices"] for c in chunks) and all("usage" not in c for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello world"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None, param: str | None = None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+
+
+@pytest.mark.parametrize(
+    "path,body,status,code,param",
+    [
+        ("/v1/completions", {"model": MODEL}, 400, "missing_required_parameter", "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 3}, 400, "invalid_value", "temperature"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "invalid_value", "logprobs"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "unsupported_parameter", "suffix"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, None, "logit_bias"),
+        ("/v1/completions", {"model": MODEL, "prompt": []}, 400, None, "prompt"),
+        ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found", "model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "too long"}, 400, "context_length_exceeded", "prompt"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "json_object"}}, 400, "unsupported_parameter", "response_format"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, "unsupported_parameter", "messages[0].content"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None, "top_logprobs"),
+    ],
+)
+async def test_client_mistakes_get_the_openai_envelope(api, path, body, status, code, param):
+    assert_error(await api.post(path, json=body), status, code, param)
+
+
+async def test_malformed_json_is_400(api):
+    r = await api.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+
+
+async def test_context_error_on_a_stream_is_an_http_error_not_a_broken_stream(api):
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "too long", "stream": True})
+    assert_error(r, 400, "context_length_exceeded")
+
+
+async def test_unknown_route_is_404_envelope(api):
+    assert_error(await api.get("/v1/nothing"), 404, "not_found")
+
+
+async def test_backend_down_is_503():
+    with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
+        mock.get("/info").mock(side_effect=httpx.ConnectError("refused"))
+        mock.post("/generate").mock(side_effect=httpx.ConnectError("refused"))
+        mock.get("/health").mock(side_effect=httpx.ConnectError("refused"))
+        app = create_app(AppSettings(backend_url=BACKEND), BackendClient(BACKEND))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as c:
+                assert_error(await c.get("/v1/models"), 503, "backend_unavailable")
+                r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+                assert_error(r, 503, "backend_unavailable")
+                assert (await c.get("/health")).status_code == 503
+
+
+async def test_api_key_is_enforced_when_set():
+    with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
+        mock.get("/info").respond(200, content=INFO.model_dump_json())
+        app = create_app(AppSettings(backend_url=BACKEND, api_key="sekret"), BackendClient(BACKEND))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as c:
+                assert_error(await c.get("/v1/models"), 401, "invalid_api_key")
+                ok = await c.get("/v1/models", headers={"Authorization": "Bearer sekret"})
+                assert ok.status_code == 200

@@ -1,0 +1,51 @@
+"""Chat template choice and rendering."""
+
+import pytest
+
+from backend.chat_template import ChatTemplateError, choose_template
+
+MSGS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+def test_gemma_fallback_for_a_gemma_gguf_without_template():
+    t = choose_template("", None, "gemma3", "Gemma 3 270m")
+    assert t.source == "gemma"
+    text = t.render(MSGS, bos_token="<bos>", eos_token="<eos>")
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a colour.<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+def test_vicuna_fallback_matches_fastchat_v1_1():
+    t = choose_template("", None, "llama", "vicuna-7b-v1.3")
+    assert t.source == "vicuna"
+    text = t.render(MSGS, bos_token="<s>", eos_token="</s>")
+    assert text == "<s>Be brief. USER: Hi ASSISTANT: Hello!</s>USER: Name a colour. ASSISTANT:"
+    default = t.render(MSGS[1:2], bos_token="<s>", eos_token="</s>")
+    assert default.startswith("<s>A chat between a curious user and an artificial intelligence assistant.")
+    assert default.endswith("USER: Hi ASSISTANT:")
+
+
+def test_gguf_template_wins_and_override_beats_it(tmp_path):
+    gguf = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    assert choose_template("", gguf, "gemma3", "x").render(MSGS[1:2], "", "") == "[user]Hi"
+    assert choose_template("chatml", gguf, "gemma3", "x").source == "chatml"
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages[0].content | upper }}")
+    assert choose_template(str(f), gguf, "gemma3", "x").render(MSGS[1:2], "", "") == "HI"
+    with pytest.raises(ValueError):
+        choose_template("no-such-template", None, "gemma3", "x")
+
+
+def test_template_errors_are_reported_not_crashed():
+    t = choose_template("", "{{ raise_exception('roles must alternate') }}", "x", "y")
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        t.render(MSGS, "", "")
