@@ -66,12 +66,16 @@ class DynamicBatcher:
             self._waiting.append(_Pending(r, out, choices_left=r.n))
         self._wake.set()
 
-    async def cancel(self, ids: list[str]) -> None:
+    def cancel(self, ids: list[str]) -> None:
+        """Drop waiting requests and tell the model server to stop sent ones. Never blocks, so it is
+        safe in the cleanup of a request whose client went away (where awaiting would be cancelled)."""
         ids_set = set(ids)
         self._waiting = [p for p in self._waiting if p.req.id not in ids_set]
         sent = [i for i in ids if self._in_flight.pop(i, None) is not None]
         if sent:
-            await self.client.cancel(sent)
+            task = asyncio.get_running_loop().create_task(self.client.cancel(sent))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     async def _collect(self) -> None:
         while True:

@@ -68,7 +68,7 @@ class Generation:
                 else:
                     self._early.append(ev)
         except BaseException:
-            await self.cancel()
+            self.cancel()
             raise
 
     async def events(self) -> AsyncIterator:
@@ -79,11 +79,12 @@ class Generation:
                 self._choices_left[ev.id] -= 1
             yield ev
 
-    async def cancel(self) -> None:
+    def cancel(self) -> None:
+        """Stop whatever is still running (no-op once every choice is done)."""
         live = [i for i, left in self._choices_left.items() if left > 0]
         self._choices_left = dict.fromkeys(self._choices_left, 0)
         if live:
-            await self.batcher.cancel(live)
+            self.batcher.cancel(live)
 
     async def _next(self):
         item = await self._queue.get()

@@ -106,7 +106,7 @@ async def respond(request: Request, gen: Generation, responder, stream: bool):
             result = await until_disconnect(request, responder.full())
             return JSONResponse(result.model_dump(mode="json", exclude_unset=True))
     except BaseException:  # an error, or the client went away: stop the generation
-        await gen.cancel()
+        gen.cancel()
         raise
 
     async def events():
@@ -116,6 +116,6 @@ async def respond(request: Request, gen: Generation, responder, stream: bool):
         except APIError as e:  # the stream already started: report in-band, as OpenAI does
             yield {"data": json.dumps(e.body())}
         finally:
-            await gen.cancel()  # no-op when finished; stops generation when the client left
+            gen.cancel()  # no-op when finished; stops generation when the client left
 
     return EventSourceResponse(events(), ping=0, sep="\n")

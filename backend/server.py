@@ -31,6 +31,7 @@ from common.protocol import (
     GenerateBatch,
     Health,
     ModelInfo,
+    Stats,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -130,6 +131,14 @@ def create_app(settings: BackendSettings, service: ModelService | None = None) -
     @app.get("/info", response_model=ModelInfo)
     async def info():
         return service.info if service.health().status == "ok" else not_ready(service)
+
+    @app.get("/stats", response_model=Stats)
+    async def stats():
+        if service.engine is None:
+            return not_ready(service)
+        st = service.engine.stats
+        return Stats(active_requests=len(service.active_ids), steps=st.steps, prompt_tokens=st.prompt_tokens,
+                     tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3))
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeRequest):

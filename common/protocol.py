@@ -6,6 +6,7 @@ Both layers import these models; nothing here knows OpenAI's JSON shapes or llam
     POST /cancel     CancelRequest  -> {"cancelled": [ids still running that were stopped]}
     GET  /health                    -> Health
     GET  /info                      -> ModelInfo
+    GET  /stats                     -> Stats
     POST /tokenize   TokenizeRequest -> TokenizeResponse
 
 One /generate call carries a whole batch. Per request the stream holds, in order: one `prompt` event
@@ -129,6 +130,14 @@ class ModelInfo(BaseModel):
     chat_template_source: str = Field(description="'gguf' or the name of the built-in fallback")
     medusa: bool = False
     created: int = Field(description="unix time the model was loaded")
+
+
+class Stats(BaseModel):
+    active_requests: int
+    steps: int = Field(description="llama_decode calls so far")
+    prompt_tokens: int
+    tokens_generated: int
+    decode_seconds: float
 
 
 class TokenizeRequest(BaseModel):

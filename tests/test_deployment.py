@@ -1,0 +1,60 @@
+"""Deployment files: the compose file is valid and wires health checks; the scripts are runnable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+COMPOSE = ROOT / "deployment" / "docker-compose.yml"
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_structure():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    backend, api = spec["services"]["model-server"], spec["services"]["api"]
+    assert "healthcheck" in backend and "healthcheck" in api
+    assert api["depends_on"]["model-server"]["condition"] == "service_healthy"
+    assert api["environment"]["BACKEND_URL"] == "http://model-server:8001"
+    assert "model-cache:/models" in backend["volumes"] and "model-cache" in spec["volumes"]
+    assert (ROOT / backend["build"]["dockerfile"]).is_file()
+
+
+@pytest.mark.skipif(compose_command() is None, reason="no docker compose client on this machine")
+def test_docker_compose_config_accepts_the_file():
+    out = subprocess.run([*compose_command(), "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                         env={**os.environ, "MODEL": "default"})
+    assert out.returncode == 0, out.stderr
+    assert "model-server" in out.stdout and "service_healthy" in out.stdout
+
+
+@pytest.mark.parametrize("script", ["serve.sh", "test.sh", "deployment/server-llm.sh", "deployment/api-server.sh",
+                                    "scripts/ensure_venv.sh"])
+def test_scripts_are_executable_and_parse(script):
+    path = ROOT / script
+    assert os.access(path, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_backend_and_app_flags_document_the_env_vars():
+    import sys
+
+    for module, names in (("backend", ["--backend-port", "--model", "--ctx-size", "--n-parallel", "--threads"]),
+                          ("app", ["--port", "--backend-url", "--max-batch-size", "--max-wait-ms", "--max-queue"])):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        for flag in names:
+            assert flag in out.stdout
+        assert "env " in out.stdout
