@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from app.batcher import DynamicBatcher
-from app.errors import APIError, ContextLengthExceeded, InternalError, InvalidRequest, TooManyRequests
+from app.errors import (
+    APIError,
+    ContextLengthExceeded,
+    InternalError,
+    InvalidRequest,
+    TooManyRequests,
+)
 from app.schemas import SamplingFields
 from common.protocol import DoneEvent, ErrorEvent, GenerationRequest, PromptEvent
 

@@ -7,7 +7,14 @@ import time
 from dataclasses import dataclass, field
 
 from backend.server import ModelService
-from common.protocol import DeltaEvent, DoneEvent, ErrorEvent, GenerationRequest, PromptEvent, TokenLogprob
+from common.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    GenerationRequest,
+    PromptEvent,
+    TokenLogprob,
+)
 
 
 @dataclass

@@ -14,7 +14,16 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from app.backend_client import BackendClient
 from app.config import AppSettings
 from app.main import create_app
-from common.protocol import DeltaEvent, DoneEvent, ErrorEvent, GenerateBatch, ModelInfo, PromptEvent, TokenLogprob, TopLogprob
+from common.protocol import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    GenerateBatch,
+    ModelInfo,
+    PromptEvent,
+    TokenLogprob,
+    TopLogprob,
+)
 
 BACKEND = "http://backend.test"
 MODEL = "tiny-model"
