@@ -48,6 +48,7 @@ def sampling_kwargs(req: SamplingFields) -> dict:
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        ignore_eos=bool(req.ignore_eos),
     )
 
 

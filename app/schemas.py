@@ -32,6 +32,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+    ignore_eos: bool | None = Field(False, description="vLLM extension: keep generating past EOS (benchmarks)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -246,7 +246,7 @@ class Engine:
         self.stats.tokens_generated += 1
         seq.n_past += 1
         seq.last_token = token
-        if m.is_eog(token):
+        if m.is_eog(token) and not act.prep.req.ignore_eos:
             self._finish(act, seq, "stop")
             return
         text, stopped = seq.text.push(m.token_bytes(token))

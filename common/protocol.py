@@ -42,6 +42,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = Field(default_factory=dict)
     stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = Field(False, description="keep generating past end-of-generation tokens (benchmarks)")
     n: int = Field(1, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20, description="None: none; k: sampled + top k")
     echo_prompt: bool = Field(False, description="send the prompt text back in the prompt event")

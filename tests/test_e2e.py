@@ -77,3 +77,18 @@ def test_client_disconnect_cancels_generation(live_stack):
 
 def _active(stack) -> int:
     return httpx.get(f"{stack.backend_url}/stats").json()["active_requests"]
+
+
+def test_non_streaming_client_disconnect_cancels_generation(live_stack):
+    import time
+
+    body = {"model": live_stack.model, "prompt": "Once upon a time", "max_tokens": 900}
+    try:
+        httpx.post(f"{live_stack.base_url}/v1/completions", json=body, timeout=1.0)
+    except httpx.ReadTimeout:
+        pass  # we hung up while it was generating
+    assert _active(live_stack) == 1
+    deadline = time.monotonic() + 10
+    while _active(live_stack) != 0:
+        assert time.monotonic() < deadline, "the model server still runs the abandoned request"
+        time.sleep(0.2)
