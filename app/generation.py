@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from openai.types import CompletionUsage
 
 from app.batcher import DynamicBatcher
 from app.errors import (
@@ -85,6 +86,11 @@ class Generation:
             if isinstance(ev, DoneEvent):
                 self._choices_left[ev.id] -= 1
             yield ev
+
+    def usage(self, completion_tokens: int) -> CompletionUsage:
+        prompt_tokens = sum(p.prompt_tokens for p in self.prompts.values())
+        return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                               total_tokens=prompt_tokens + completion_tokens)
 
     def cancel(self) -> None:
         """Stop whatever is still running (no-op once every choice is done)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from openai.types import CompletionUsage
 from openai.types.chat import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -59,12 +58,6 @@ class ChatResponder:
         self.created = int(time.time())
         self.n = req.n or 1
 
-    def _usage(self, completion_tokens: int) -> CompletionUsage:
-        prompt_tokens = sum(p.prompt_tokens for p in self.gen.prompts.values())
-        return CompletionUsage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-        )
-
     async def full(self) -> ChatCompletion:
         texts = {i: [] for i in range(self.n)}
         logprobs: dict[int, list] = {i: [] for i in range(self.n)}
@@ -89,10 +82,10 @@ class ChatResponder:
         ]
         return ChatCompletion(
             id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices,
-            usage=self._usage(completion_tokens),
+            usage=self.gen.usage(completion_tokens),
         )
 
-    def _chunk(self, choice: ChunkChoice | None, usage: CompletionUsage | None = None) -> str:
+    def _chunk(self, choice: ChunkChoice | None, usage=None) -> str:
         chunk = ChatCompletionChunk(
             id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
             choices=[choice] if choice else [],
@@ -118,5 +111,5 @@ class ChatResponder:
                 completion_tokens += ev.completion_tokens
                 yield self._chunk(ChunkChoice(index=ev.index, delta=ChoiceDelta(), finish_reason=ev.finish_reason, logprobs=None))
         if self.req.include_usage():
-            yield self._chunk(None, usage=self._usage(completion_tokens))
+            yield self._chunk(None, usage=self.gen.usage(completion_tokens))
         yield "[DONE]"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types import Completion, CompletionChoice
 from openai.types.completion_choice import Logprobs
 
 from app.errors import InvalidRequest
@@ -80,12 +80,6 @@ class CompletionsResponder:
         prompt = self.gen.prompts[rid]
         return (prompt.text or "", prompt.logprobs or []) if self.req.echo else ("", [])
 
-    def _usage(self, completion_tokens: int) -> CompletionUsage:
-        prompt_tokens = sum(p.prompt_tokens for p in self.gen.prompts.values())
-        return CompletionUsage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-        )
-
     async def full(self) -> Completion:
         texts: dict[int, list[str]] = {}
         builders: dict[int, _LogprobsBuilder] = {}
@@ -118,10 +112,10 @@ class CompletionsResponder:
         ]
         return Completion(
             id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices,
-            usage=self._usage(completion_tokens),
+            usage=self.gen.usage(completion_tokens),
         )
 
-    def _chunk(self, index: int, text: str, finish_reason=None, logprobs=None, usage=None) -> str:
+    def _chunk(self, index: int, text: str, finish_reason=None, logprobs=None) -> str:
         choice = CompletionChoice.model_construct(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
         chunk = Completion.model_construct(
             id=self.id, object="text_completion", created=self.created, model=self.model, choices=[choice]
@@ -155,6 +149,6 @@ class CompletionsResponder:
         if include_usage:
             yield Completion(
                 id=self.id, object="text_completion", created=self.created, model=self.model, choices=[],
-                usage=self._usage(completion_tokens),
+                usage=self.gen.usage(completion_tokens),
             ).model_dump_json(exclude_unset=True)
         yield "[DONE]"
