@@ -177,7 +177,11 @@ class Engine:
         of distinct sequences is invariant, and so is a chunk that holds one sequence alone on a
         fixed schedule, so every request decodes exactly as it would alone."""
         m = self.model
-        decoding = [(a, s) for a in self._running if a.decoding for s in a.seqs if not s.done]
+        # In seq-id order: llama.cpp splits a multi-stream batch whose ids are out of order into one
+        # ubatch per sequence (measured: 4 streams cost 74 ms a step instead of 29 ms).
+        decoding = sorted(
+            ((a, s) for a in self._running if a.decoding for s in a.seqs if not s.done), key=lambda x: x[1].seq_id
+        )
         if decoding:
             m.batch_clear()
             slots = [(act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)) for act, seq in decoding]

@@ -144,7 +144,7 @@ def run(args) -> dict:
             port = free_port()
             np_ = max(4, max(levels))
             peer = Proc([binary, "-m", str(model_path), "--port", str(port), "-np", str(np_), "-c", str(4096 * np_),
-                         "-t", threads, "--no-repack", "--no-webui"], out / "llama-server.log")
+                         "-t", threads, "--no-repack"], out / "llama-server.log")
             try:
                 wait_openai(f"http://127.0.0.1:{port}")
                 bench_url(f"llama-server -np {np_}", f"http://127.0.0.1:{port}", str(model_path))
