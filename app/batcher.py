@@ -42,7 +42,6 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
-        self.batches_sent = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="batcher")
@@ -100,7 +99,6 @@ class DynamicBatcher:
             task = asyncio.create_task(self._run(batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
-            self.batches_sent += 1
 
     async def _run(self, batch: list[_Pending]) -> None:
         by_id = {p.req.id: p for p in batch}

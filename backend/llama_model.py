@@ -127,9 +127,6 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))
 
-    def token_text(self, token: int) -> str:
-        return self.token_bytes(token).decode("utf-8", "replace")
-
     def special_text(self, token: int) -> str:
         """The text of a special token such as BOS, for chat templates."""
         raw = llama.llama_vocab_get_text(self.vocab, token)
