@@ -160,12 +160,19 @@ class Engine:
                 act.seqs.append(
                     _Seq(
                         index=i,
-                        seq_id=self._free_seq_ids.pop(),
+                        seq_id=self._take_seq_id(),
                         sampler=Sampler(params, self.model.n_vocab, seed_offset=i),
                         text=TextStream(req.stop),
                     )
                 )
             self._running.append(act)
+
+    def _take_seq_id(self) -> int:
+        # The lowest free id: llama.cpp batches only runs of consecutive sequence ids together
+        # (measured on 4 streams: ids 0,1,2,3 29 ms a step, 0,2,5,7 77 ms), so keep ids packed.
+        seq_id = min(self._free_seq_ids)
+        self._free_seq_ids.remove(seq_id)
+        return seq_id
 
     def _step(self) -> None:
         """One token for every decoding sequence, then one prompt chunk of the oldest prefilling
@@ -177,8 +184,8 @@ class Engine:
         of distinct sequences is invariant, and so is a chunk that holds one sequence alone on a
         fixed schedule, so every request decodes exactly as it would alone."""
         m = self.model
-        # In seq-id order: llama.cpp splits a multi-stream batch whose ids are out of order into one
-        # ubatch per sequence (measured: 4 streams cost 74 ms a step instead of 29 ms).
+        # In seq-id order: llama.cpp splits a batch whose ids are out of order into one ubatch per
+        # sequence (measured: 4 streams cost 74 ms a step instead of 29 ms).
         decoding = sorted(
             ((a, s) for a in self._running if a.decoding for s in a.seqs if not s.done), key=lambda x: x[1].seq_id
         )
