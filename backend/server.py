@@ -187,13 +187,12 @@ async def _stream(
         while remaining:
             events = await inbox.get()
             for ev in events:
-                if isinstance(ev, DoneEvent) or isinstance(ev, ErrorEvent):
-                    left = remaining.get(ev.id, 0) - 1 if isinstance(ev, DoneEvent) else 0
-                    if left <= 0:
-                        remaining.pop(ev.id, None)
-                        service.active_ids.discard(ev.id)
-                    else:
-                        remaining[ev.id] = left
+                # A request ends with its last choice's done event, or with an error.
+                if isinstance(ev, DoneEvent):
+                    remaining[ev.id] -= 1
+                if isinstance(ev, ErrorEvent) or remaining.get(ev.id) == 0:
+                    remaining.pop(ev.id, None)
+                    service.active_ids.discard(ev.id)
             yield "".join(ev.model_dump_json() + "\n" for ev in events)
     finally:
         # The client went away (or we are done): stop whatever of this batch still runs.

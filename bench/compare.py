@@ -21,17 +21,10 @@ import time
 from pathlib import Path
 
 from bench.loadgen import level_dict, sweep
+from common.ports import free_port
 from common.wait_ready import wait_ready
 
 ROOT = Path(__file__).parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
