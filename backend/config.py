@@ -23,4 +23,10 @@ class BackendSettings(BaseSettings):
     extra_buffers: bool = Field(
         False, description="llama.cpp's extra weight buffers (repack/AMX); AMX crashes on some virtual machines"
     )
+    medusa_heads: str = Field("", description="Medusa head checkpoint (file or directory); empty: no speculation")
+    medusa_tree: str = Field(
+        "", description="tuning result (JSON from backend.medusa.tune), a medusa_choices list, or a file of one"
+    )
+    medusa_max_streams: int = Field(0, ge=0, description="speculate while at most this many sequences decode (0: the tuning's, else 1)")
+    medusa_acceptance: str = Field("lossless", pattern="^(lossless|typical)$", description="'lossless' or 'typical' (Medusa's, opt-in)")
     log_level: str = Field("info", description="debug, info, warning or error")

@@ -6,6 +6,10 @@ request's sink. Requests join and leave between steps. Only this thread touches 
 
 A request with n choices prefills its prompt once on its first sequence, then copies those cells to
 the other choices' sequences (llama_memory_seq_cp) instead of prefilling n times.
+
+With Medusa heads (backend/medusa), a sequence whose heads proposed a draft decodes its last token
+plus the draft in its own llama_decode while few enough streams run; the target token at each row is
+sampled exactly as plain decoding would, and the walk goes on while it matches the draft.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from backend.llama_model import LlamaModel
+from backend.medusa.speculator import Speculator
+from backend.medusa.tree import typical_ok
 from backend.prepare import PreparedRequest
 from backend.sampling import Sampler, log_softmax_top
 from backend.text_stream import TextStream
@@ -48,6 +56,7 @@ class _Seq:
     last_token: int = -1
     generated: int = 0
     done: bool = False
+    draft: list[int] = field(default_factory=list)  # Medusa's guesses for the tokens after last_token
 
 
 @dataclass
@@ -76,9 +85,12 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256):
+    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, speculator: Speculator | None = None):
+        if speculator is not None and not model.embeddings:
+            raise ValueError("Medusa needs a context with embeddings on")
         self.model = model
         self.prefill_chunk = prefill_chunk
+        self.spec = speculator
         self.stats = EngineStats()
         self._commands: queue.Queue = queue.Queue()
         self._waiting: deque[_Active] = deque()
@@ -189,16 +201,60 @@ class Engine:
         decoding = sorted(
             ((a, s) for a in self._running if a.decoding for s in a.seqs if not s.done), key=lambda x: x[1].seq_id
         )
-        if decoding:
+        speculate = self.spec is not None and self.spec.active_for(len(decoding))
+        plain = [(a, s) for a, s in decoding if not (speculate and s.draft)]
+        if not speculate:
+            for _, seq in plain:
+                seq.draft = []  # stale by the time speculation resumes
+        for act, seq in decoding:
+            if speculate and seq.draft:
+                self._speculative_step(act, seq)
+        if plain:
             m.batch_clear()
-            slots = [(act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)) for act, seq in decoding]
+            slots = [(act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)) for act, seq in plain]
             self._decode()
             for act, seq, idx in slots:
                 self._accept(act, seq, idx)
+            if speculate:
+                live = [(seq, idx) for _, seq, idx in slots if not seq.done]
+                if live:
+                    drafts = self.spec.drafts(np.stack([m.hidden(idx) for _, idx in live]))
+                    for (seq, _), draft in zip(live, drafts):
+                        seq.draft = draft
         act = next((a for a in self._running if not a.decoding), None)
         if act is not None:
             self._prefill_chunk(act)
         self._running = [a for a in self._running if not all(s.done for s in a.seqs)]
+
+    def _speculative_step(self, act: _Active, seq: _Seq) -> None:
+        """Decode last_token + the draft in the sequence's own batch (so every row's logits are what
+        plain decoding gives), then emit target tokens while they match the draft."""
+        m = self.model
+        room = min(m.n_ctx_per_seq - 1 - seq.n_past, act.prep.max_tokens - seq.generated - 1)
+        draft = seq.draft[: max(0, room)]
+        base = seq.n_past
+        m.batch_clear()
+        m.batch_add(seq.last_token, base, seq.seq_id, True)
+        for d, token in enumerate(draft):
+            m.batch_add(token, base + 1 + d, seq.seq_id, True)
+        self._decode()
+        accepted = 0
+        for row in range(len(draft) + 1):
+            forced = None
+            if self.spec.typical and row < len(draft) and act.prep.sampling.temperature > 0:
+                if typical_ok(m.logits(row), draft[row], act.prep.sampling.temperature, self.spec.typical_epsilon, self.spec.typical_alpha):
+                    forced = draft[row]
+            token = self._accept(act, seq, row, forced=forced)
+            if seq.done or row == len(draft) or token != draft[row]:
+                break
+            accepted += 1
+        self.spec.record(len(draft), accepted)
+        if seq.done:
+            return
+        # Keep the cells of the root and the accepted draft tokens; last_token (the token the
+        # last accepted row chose) is decoded next step, at position base + accepted + 1.
+        m.seq_rm(seq.seq_id, base + accepted + 1, -1)
+        seq.draft = self.spec.drafts(m.hidden(accepted))[0]
 
     def _prefill_chunk(self, act: _Active) -> None:
         m = self.model
@@ -210,7 +266,14 @@ class Engine:
         m.batch_clear()
         for pos in range(start, end):
             m.batch_add(tokens[pos], pos, seq_id, want_all or pos == len(tokens) - 1)
-        self._decode()
+        if m.embeddings:
+            m.set_embeddings(False)
+            try:
+                self._decode()
+            finally:
+                m.set_embeddings(True)
+        else:
+            self._decode()
         self.stats.prompt_tokens += end - start
         if want_all:
             self._collect_prompt_logprobs(act, start, end)
@@ -248,18 +311,23 @@ class Engine:
             else:
                 self._accept(act, seq, last_idx)
 
-    def _accept(self, act: _Active, seq: _Seq, idx: int) -> None:
-        """Sample the sequence's next token from output `idx` and emit what it adds."""
+    def _accept(self, act: _Active, seq: _Seq, idx: int, forced: int | None = None) -> int:
+        """Sample the sequence's next token from output `idx` (or take `forced`, recording it in the
+        sampler's history) and emit what it adds. Returns the token."""
         m = self.model
         logits = m.logits(idx)
-        token = seq.sampler.sample(m.ctx, idx, logits)
+        if forced is None:
+            token = seq.sampler.sample(m.ctx, idx, logits)
+        else:
+            token = forced
+            seq.sampler.accept(token)
         seq.generated += 1
         self.stats.tokens_generated += 1
         seq.n_past += 1
         seq.last_token = token
         if m.is_eog(token) and not act.prep.req.ignore_eos:
             self._finish(act, seq, "stop")
-            return
+            return token
         text, stopped = seq.text.push(m.token_bytes(token))
         lp = None
         if act.prep.req.logprobs is not None:
@@ -269,6 +337,7 @@ class Engine:
             self._finish(act, seq, "stop", flush=False)
         elif seq.generated >= act.prep.max_tokens or seq.n_past >= m.n_ctx_per_seq:
             self._finish(act, seq, "length")
+        return token
 
     def _token_logprob(self, logits, token: int, top_n: int) -> TokenLogprob:
         m = self.model

@@ -35,6 +35,7 @@ class ContextConfig:
     n_threads: int  # 0: all cores
     n_batch: int
     extra_buffers: bool  # llama.cpp's repack/AMX weight buffers; AMX crashes on some VMs
+    embeddings: bool = False  # hidden states out of every decode too (Medusa heads read them)
 
 
 class LlamaModel:
@@ -66,6 +67,10 @@ class LlamaModel:
         cparams.n_ubatch = cfg.n_batch
         cparams.n_seq_max = cfg.n_parallel
         cparams.kv_unified = False
+        if cfg.embeddings:
+            # Post-norm hidden state per output token (pooling NONE), next to the logits.
+            cparams.embeddings = True
+            cparams.pooling_type = llama.LLAMA_POOLING_TYPE_NONE
         cparams.swa_full = True  # removing cells from a sliding-window cache needs the full-size one
         threads = cfg.n_threads or os.cpu_count() or 1
         cparams.n_threads = threads
@@ -75,6 +80,8 @@ class LlamaModel:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_seq_max = cparams.n_seq_max
+        self.n_embd = llama.llama_model_n_embd(self.model)
+        self.embeddings = cfg.embeddings
         self.batch = llama.llama_batch_init(cfg.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
 
@@ -155,6 +162,15 @@ class LlamaModel:
         """A zero-copy view of the logits of batch index i (valid until the next decode)."""
         ptr = llama.llama_get_logits_ith(self.ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def hidden(self, i: int) -> np.ndarray:
+        """A zero-copy view of the post-norm hidden state of batch index i (embeddings on)."""
+        ptr = llama.llama_get_embeddings_ith(self.ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,))
+
+    def set_embeddings(self, on: bool) -> None:
+        # With embeddings on every token of a batch becomes an output: prompt chunks turn it off.
+        llama.llama_set_embeddings(self.ctx, on)
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         return llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1)

@@ -75,6 +75,11 @@ class Sampler:
         # llama_sampler_sample applies the chain and accepts the token (penalty history).
         return llama.llama_sampler_sample(self.chain, ctx, logits_index)
 
+    def accept(self, token: int) -> None:
+        """Record a token chosen without sampling (Medusa's typical acceptance) in the penalty history."""
+        if self.chain is not None:
+            llama.llama_sampler_accept(self.chain, token)
+
     def close(self) -> None:
         if self.chain is not None:
             llama.llama_sampler_free(self.chain)

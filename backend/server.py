@@ -21,6 +21,8 @@ from backend.chat_template import ChatTemplate, choose_template
 from backend.config import BackendSettings
 from backend.engine import Engine
 from backend.llama_model import ContextConfig, LlamaModel
+from backend.medusa.loading import build_speculator, report
+from backend.medusa.speculator import Speculator
 from backend.model_files import resolve_model
 from backend.prepare import PreparedRequest, prepare
 from common.protocol import (
@@ -30,6 +32,7 @@ from common.protocol import (
     ErrorEvent,
     GenerateBatch,
     Health,
+    MedusaReport,
     ModelInfo,
     Stats,
     TokenizeRequest,
@@ -50,6 +53,10 @@ class ModelService:
         self.info: ModelInfo | None = None
         self.error: str | None = None
         self.active_ids: set[str] = set()
+        self.speculator: Speculator | None = None
+
+    def medusa_report(self) -> MedusaReport | None:
+        return report(self.speculator) if self.speculator is not None else None
 
     def load(self) -> None:
         try:
@@ -58,12 +65,15 @@ class ModelService:
             log.info("loading %s", path)
             model = LlamaModel(
                 path,
-                ContextConfig(s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers),
+                ContextConfig(
+                    s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers, embeddings=bool(s.medusa_heads)
+                ),
             )
+            self.speculator = build_speculator(s, model)
             self.template = choose_template(
                 s.chat_template, model.chat_template(), model.meta("general.architecture") or "", model.meta("general.name") or path.name
             )
-            self.engine = Engine(model, prefill_chunk=s.prefill_chunk)
+            self.engine = Engine(model, prefill_chunk=s.prefill_chunk, speculator=self.speculator)
             self.engine.start()
             self.info = ModelInfo(
                 name=s.model_name or path.name.removesuffix(".gguf"),
@@ -73,6 +83,7 @@ class ModelService:
                 n_parallel=model.n_parallel,
                 chat_template=self.template.text,
                 chat_template_source=self.template.source,
+                medusa=self.speculator is not None,
                 created=int(time.time()),
             )
             self.model = model
@@ -130,7 +141,9 @@ def create_app(settings: BackendSettings, service: ModelService | None = None) -
 
     @app.get("/info", response_model=ModelInfo)
     async def info():
-        return service.info if service.health().status == "ok" else not_ready(service)
+        if service.health().status != "ok":
+            return not_ready(service)
+        return service.info.model_copy(update={"medusa_report": service.medusa_report()})
 
     @app.get("/stats", response_model=Stats)
     async def stats():
@@ -138,7 +151,8 @@ def create_app(settings: BackendSettings, service: ModelService | None = None) -
             return not_ready(service)
         st = service.engine.stats
         return Stats(active_requests=len(service.active_ids), steps=st.steps, prompt_tokens=st.prompt_tokens,
-                     tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3))
+                     tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3),
+                     medusa=service.medusa_report())
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(body: TokenizeRequest):

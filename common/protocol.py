@@ -121,6 +121,16 @@ class Health(BaseModel):
     detail: str | None = None
 
 
+class MedusaReport(BaseModel):
+    heads: int
+    choices: list[list[int]] = Field(description="the draft path verified each step (Medusa choices)")
+    max_streams: int = Field(description="speculate while at most this many sequences decode")
+    acceptance: str = Field(description="'lossless' or 'typical'")
+    speculative_steps: int = 0
+    mean_tokens_per_step: float | None = Field(None, description="accepted draft tokens + 1, per speculative step")
+    per_head_acceptance: list[float | None] = Field(default_factory=list, description="per depth, given the depths before passed")
+
+
 class ModelInfo(BaseModel):
     name: str
     path: str
@@ -130,6 +140,7 @@ class ModelInfo(BaseModel):
     chat_template: str = Field(description="the Jinja template chat requests are rendered with")
     chat_template_source: str = Field(description="'gguf' or the name of the built-in fallback")
     medusa: bool = False
+    medusa_report: MedusaReport | None = None
     created: int = Field(description="unix time the model was loaded")
 
 
@@ -139,6 +150,7 @@ class Stats(BaseModel):
     prompt_tokens: int
     tokens_generated: int
     decode_seconds: float
+    medusa: MedusaReport | None = None
 
 
 class TokenizeRequest(BaseModel):

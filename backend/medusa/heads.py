@@ -1,0 +1,173 @@
+"""Medusa heads in numpy: from the base model's post-norm hidden state at token t, head k proposes
+the token at t+2+k.
+
+Each head is a stack of ResBlocks (x + SiLU(W x + b)) and a projection onto the vocabulary, or onto a
+subset of it with a token map (Gemma's 262,144-token vocabulary makes a full projection per head
+needlessly large). Two files load: FasterDecoding's `medusa_lm_head.pt` / `.safetensors` (keys
+`{h}.{l}.linear.weight|bias` for the ResBlocks, `{h}.{L}.weight` for the projection) and the
+project's own safetensors, which is the same layout plus an optional `token_map`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_RESBLOCK = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
+_PROJ = re.compile(r"^(\d+)\.(\d+)\.weight$")
+HEAD_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt", "heads.safetensors")
+
+
+class HeadsError(ValueError):
+    """A head checkpoint that cannot serve this model; the message says why."""
+
+
+@dataclass
+class Head:
+    blocks: list[tuple[np.ndarray, np.ndarray]]  # (W [H, H], b [H]) per ResBlock
+    proj: np.ndarray  # [V_head, H]
+
+
+class MedusaHeads:
+    def __init__(self, heads: list[Head], token_map: np.ndarray | None = None):
+        if not heads:
+            raise HeadsError("no Medusa heads")
+        self.heads = heads
+        self.token_map = token_map
+        self.hidden_size = heads[0].proj.shape[1]
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.heads[0].proj.shape[0]
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """[n_heads, B, V_head] head logits for hidden states [B, H] (or [H])."""
+        x0 = np.atleast_2d(np.asarray(hidden, dtype=np.float32))
+        out = np.empty((self.n_heads, x0.shape[0], self.n_outputs), dtype=np.float32)
+        for k, head in enumerate(self.heads):
+            x = x0
+            for w, b in head.blocks:
+                z = x @ w.T + b
+                x = x + z / (1.0 + np.exp(-z))  # SiLU
+            out[k] = x @ head.proj.T
+        return out
+
+    def propose(self, hidden: np.ndarray, top_k: int) -> np.ndarray:
+        """[n_heads, B, top_k] vocabulary ids, best first, for hidden states [B, H] (or [H])."""
+        lg = self.logits(hidden)
+        k = min(top_k, lg.shape[-1])
+        idx = np.argpartition(-lg, k - 1, axis=-1)[..., :k]
+        order = np.argsort(-np.take_along_axis(lg, idx, axis=-1), axis=-1, kind="stable")
+        idx = np.take_along_axis(idx, order, axis=-1)
+        return self.token_map[idx] if self.token_map is not None else idx
+
+    def check(self, hidden_size: int, n_vocab: int) -> None:
+        """Fail with a clear message unless these heads fit a model of this shape."""
+        for k, head in enumerate(self.heads):
+            for w, b in head.blocks:
+                if w.shape != (hidden_size, hidden_size) or b.shape != (hidden_size,):
+                    raise HeadsError(
+                        f"head {k}: ResBlock weight {w.shape} / bias {b.shape} do not match the model's "
+                        f"hidden size {hidden_size}"
+                    )
+            if head.proj.shape[1] != hidden_size:
+                raise HeadsError(f"head {k}: projection {head.proj.shape} does not match hidden size {hidden_size}")
+            if head.proj.shape[0] != self.n_outputs:
+                raise HeadsError(f"head {k}: projection {head.proj.shape} differs from head 0's {self.heads[0].proj.shape}")
+        if self.token_map is None:
+            if self.n_outputs != n_vocab:
+                raise HeadsError(
+                    f"the heads project onto {self.n_outputs} tokens but the model's vocabulary has {n_vocab} "
+                    "(a vocabulary subset needs a token_map)"
+                )
+        else:
+            if self.token_map.shape != (self.n_outputs,):
+                raise HeadsError(f"token_map has shape {self.token_map.shape}, the heads project onto {self.n_outputs}")
+            if self.token_map.min() < 0 or self.token_map.max() >= n_vocab:
+                raise HeadsError(f"token_map holds ids outside the model's vocabulary of {n_vocab}")
+
+    def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        """The project's format: FasterDecoding's key layout in safetensors, plus the token map."""
+        from safetensors.numpy import save_file
+
+        tensors = {}
+        for h, head in enumerate(self.heads):
+            for layer, (w, b) in enumerate(head.blocks):
+                tensors[f"{h}.{layer}.linear.weight"] = w
+                tensors[f"{h}.{layer}.linear.bias"] = b
+            tensors[f"{h}.{len(head.blocks)}.weight"] = head.proj
+        if self.token_map is not None:
+            tensors["token_map"] = self.token_map.astype(np.int32)
+        save_file(tensors, str(path), metadata={"format": "llm-serve-medusa", **(metadata or {})})
+
+
+def heads_from_state_dict(state: dict[str, np.ndarray]) -> MedusaHeads:
+    """Build heads from a FasterDecoding-layout state dict. The head count comes from the keys (the
+    published config's medusa_num_heads can be wrong: vicuna-7b-v1.3's says 2, its file holds 5)."""
+    blocks: dict[int, dict[int, dict[str, np.ndarray]]] = {}
+    projs: dict[int, tuple[int, np.ndarray]] = {}
+    token_map = None
+    for key, value in state.items():
+        arr = np.asarray(value, dtype=np.float32) if key != "token_map" else np.asarray(value, dtype=np.int64)
+        if key == "token_map":
+            token_map = arr
+        elif m := _RESBLOCK.match(key):
+            blocks.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = arr
+        elif m := _PROJ.match(key):
+            projs[int(m[1])] = (int(m[2]), arr)
+        else:
+            raise HeadsError(f"unexpected key {key!r} in a Medusa head checkpoint")
+    if not projs:
+        raise HeadsError("no Medusa head projections ('{h}.{layer}.weight') in the checkpoint")
+    if sorted(projs) != list(range(len(projs))):
+        raise HeadsError(f"head indices {sorted(projs)} are not 0..{len(projs) - 1}")
+    heads = []
+    for h in range(len(projs)):
+        layer, proj = projs[h]
+        got = blocks.get(h, {})
+        if sorted(got) != list(range(layer)):
+            raise HeadsError(f"head {h}: ResBlocks {sorted(got)} but the projection is layer {layer}")
+        missing = [f"{h}.{i}.linear.{p}" for i in range(layer) for p in ("weight", "bias") if p not in got[i]]
+        if missing:
+            raise HeadsError(f"head {h}: missing {', '.join(missing)}")
+        heads.append(Head([(got[i]["weight"], got[i]["bias"]) for i in range(layer)], proj))
+    return MedusaHeads(heads, token_map)
+
+
+def resolve_heads_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in HEAD_FILES:
+            if (path / name).exists():
+                return path / name
+        raise HeadsError(f"no Medusa head file ({', '.join(HEAD_FILES)}) in {path}")
+    if not path.exists():
+        raise HeadsError(f"Medusa heads not found: {path}")
+    return path
+
+
+def load_heads(path: Path, hidden_size: int, n_vocab: int) -> MedusaHeads:
+    """Load a head checkpoint (file or directory) and check it against the base model's shape."""
+    path = resolve_heads_file(Path(path))
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in (".pt", ".bin", ".pth"):
+        try:
+            import torch
+        except ImportError as e:
+            raise HeadsError(f"{path.name} is a torch checkpoint: install torch (requirements-medusa.txt) to read it") from e
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in raw.items()}
+    else:
+        raise HeadsError(f"unknown Medusa head format {path.suffix!r} (.safetensors or .pt)")
+    heads = heads_from_state_dict(state)
+    heads.check(hidden_size, n_vocab)
+    return heads

@@ -1,0 +1,46 @@
+"""Turn the MEDUSA_* settings into a Speculator for a loaded model, or say why Medusa stays off."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from backend.config import BackendSettings
+from backend.llama_model import LlamaModel
+from backend.medusa.heads import load_heads
+from backend.medusa.speculator import Speculator
+from backend.medusa.tree import chain, load_tree
+from common.protocol import MedusaReport
+
+log = logging.getLogger("backend.medusa")
+
+
+def build_speculator(s: BackendSettings, model: LlamaModel) -> Speculator | None:
+    if not s.medusa_heads:
+        return None
+    heads = load_heads(Path(s.medusa_heads), model.n_embd, model.n_vocab)
+    if s.medusa_tree:
+        choices, tuning = load_tree(s.medusa_tree)
+    else:
+        choices, tuning = chain(heads.n_heads), {}
+        log.warning("medusa: no MEDUSA_TREE given; verifying the top-1 path of all %d heads, untuned", heads.n_heads)
+    if tuning.get("enabled") is False:
+        log.warning("medusa: off, the tuning found no draft that beats plain decoding: %s", tuning.get("reason", ""))
+        return None
+    max_streams = s.medusa_max_streams or int(tuning.get("max_streams", 1))
+    spec = Speculator(heads, choices, max_streams=max_streams, acceptance=s.medusa_acceptance)
+    log.info(
+        "medusa: %d heads, draft path %s, speculating up to %d streams, %s acceptance",
+        heads.n_heads, [list(c) for c in choices], max_streams, s.medusa_acceptance,
+    )
+    return spec
+
+
+def report(spec: Speculator) -> MedusaReport:
+    return MedusaReport(
+        heads=spec.heads.n_heads,
+        choices=[list(c) for c in spec.choices],
+        max_streams=spec.max_streams,
+        acceptance="typical" if spec.typical else "lossless",
+        **spec.stats.as_dict(),
+    )

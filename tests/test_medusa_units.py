@@ -1,0 +1,163 @@
+"""Medusa's pieces without a model: trees as data, acceptance rules, head loading, tuning plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.medusa.heads import HeadsError, heads_from_state_dict, load_heads
+from backend.medusa.tree import (
+    TreeError,
+    accept_length,
+    candidates,
+    chain,
+    load_tree,
+    parse_choices,
+    path_ranks,
+    typical_ok,
+    validate,
+)
+from backend.medusa.tune import expected_tokens, plan
+
+H, V = 16, 50
+
+
+def fd_state(n_heads: int, layers: int = 1, vocab: int = V, hidden: int = H, seed: int = 0) -> dict[str, np.ndarray]:
+    """A state dict in FasterDecoding's medusa_lm_head key layout."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for h in range(n_heads):
+        for layer in range(layers):
+            sd[f"{h}.{layer}.linear.weight"] = rng.normal(0, 0.2, (hidden, hidden)).astype(np.float32)
+            sd[f"{h}.{layer}.linear.bias"] = rng.normal(0, 0.2, hidden).astype(np.float32)
+        sd[f"{h}.{layers}.weight"] = rng.normal(0, 1, (vocab, hidden)).astype(np.float32)
+    return sd
+
+
+def reference_topk(sd: dict, n_heads: int, layers: int, x: np.ndarray, k: int) -> np.ndarray:
+    import torch
+
+    out = []
+    for h in range(n_heads):
+        t = torch.tensor(x)
+        for layer in range(layers):
+            lin = torch.nn.Linear(H, H)
+            lin.weight.data = torch.tensor(sd[f"{h}.{layer}.linear.weight"])
+            lin.bias.data = torch.tensor(sd[f"{h}.{layer}.linear.bias"])
+            t = t + torch.nn.functional.silu(lin(t))
+        logits = t @ torch.tensor(sd[f"{h}.{layers}.weight"]).T
+        out.append(torch.topk(logits, k).indices.numpy())
+    return np.stack(out)
+
+
+def test_choices_parse_from_json_python_and_medusa_choices_lines():
+    assert parse_choices("[[0], [0, 0], [1]]") == [(0,), (0, 0), (1,)]
+    assert parse_choices("[(0,), (0, 1)]") == [(0,), (0, 1)]
+    assert parse_choices("vicuna_7b_stage2 = [(0,), (0, 0), (0, 0, 0)]") == chain(3)
+    assert parse_choices('{"choices": [[0]], "enabled": true}') == [(0,)]
+    for bad in ("[[0], []]", "[[-1]]", "[0, 1]", "not a list"):
+        with pytest.raises(TreeError):
+            parse_choices(bad)
+
+
+def test_tree_file_from_the_tuning(tmp_path):
+    f = tmp_path / "tree.json"
+    f.write_text('{"enabled": true, "choices": [[0], [0, 0]], "max_streams": 2}')
+    choices, tuning = load_tree(str(f))
+    assert choices == chain(2) and tuning["max_streams"] == 2
+    assert load_tree("[[0]]") == ([(0,)], {})
+
+
+def test_validate_rejects_orphans_repeats_and_too_deep_nodes():
+    validate([(0,), (0, 1), (1,)], n_heads=2)
+    with pytest.raises(TreeError, match="no parent"):
+        validate([(0,), (1, 0)], n_heads=2)
+    with pytest.raises(TreeError, match="repeat"):
+        validate([(0,), (0,)], n_heads=2)
+    with pytest.raises(TreeError, match="deeper"):
+        validate(chain(3), n_heads=2)
+
+
+def test_a_path_gives_its_ranks_and_a_branching_tree_is_refused():
+    assert path_ranks([(0, 0), (0,), (0, 0, 1)]) == [0, 0, 1]
+    with pytest.raises(TreeError, match="one path per sequence"):
+        path_ranks([(0,), (1,)])
+    proposals = np.array([[5, 6], [7, 8], [9, 10]])
+    assert candidates(proposals, [0, 1, 0]) == [5, 8, 9]
+
+
+def test_greedy_acceptance_is_the_longest_confirmed_prefix():
+    assert accept_length([5, 8, 9], [5, 8, 9]) == 3
+    assert accept_length([5, 8, 9], [5, 7, 9]) == 1
+    assert accept_length([5, 8, 9], [4, 8, 9]) == 0
+    assert accept_length([], [3]) == 0
+
+
+def test_typical_acceptance_keeps_likely_tokens_only():
+    logits = np.array([5.0, 1.0, 0.0, -1.0], dtype=np.float32)
+    assert typical_ok(logits, 0, temperature=1.0, epsilon=0.09, alpha=0.3)
+    assert not typical_ok(logits, 3, temperature=1.0, epsilon=0.09, alpha=0.3)
+    flat = np.zeros(4, dtype=np.float32)  # high entropy: the threshold drops below 1/4
+    assert typical_ok(flat, 2, temperature=1.0, epsilon=0.09, alpha=0.3)
+
+
+def test_fasterdecoding_pt_checkpoint_counts_heads_from_keys(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = fd_state(n_heads=5)
+    path = tmp_path / "medusa_lm_head.pt"
+    torch.save({k: torch.tensor(v).half() for k, v in sd.items()}, path)  # published heads are fp16
+    heads = load_heads(tmp_path, hidden_size=H, n_vocab=V)  # a directory finds the file
+    assert heads.n_heads == 5
+    x = np.random.default_rng(1).normal(size=(3, H)).astype(np.float32)
+    sd16 = {k: v.astype(np.float16).astype(np.float32) for k, v in sd.items()}
+    np.testing.assert_array_equal(heads.propose(x, 4), reference_topk(sd16, 5, 1, x, 4))
+
+
+def test_several_resblocks_per_head_load_and_run():
+    sd = fd_state(n_heads=2, layers=2)
+    heads = heads_from_state_dict(sd)
+    x = np.random.default_rng(2).normal(size=(1, H)).astype(np.float32)
+    np.testing.assert_array_equal(heads.propose(x, 3), reference_topk(sd, 2, 2, x, 3))
+
+
+def test_own_format_round_trips_with_a_token_map(tmp_path):
+    sd = fd_state(n_heads=3, vocab=10)
+    heads = heads_from_state_dict(sd)
+    heads.token_map = np.array([3, 7, 11, 20, 21, 22, 30, 31, 40, 49])
+    heads.save(tmp_path / "heads.safetensors")
+    back = load_heads(tmp_path / "heads.safetensors", hidden_size=H, n_vocab=V)
+    x = np.random.default_rng(3).normal(size=(2, H)).astype(np.float32)
+    got = back.propose(x, 2)
+    assert set(np.unique(got)) <= set(heads.token_map.tolist())
+    np.testing.assert_array_equal(got, heads.propose(x, 2))
+
+
+def test_heads_that_do_not_fit_the_model_fail_clearly(tmp_path):
+    heads = heads_from_state_dict(fd_state(n_heads=2))
+    with pytest.raises(HeadsError, match="hidden size 32"):
+        heads.check(hidden_size=32, n_vocab=V)
+    with pytest.raises(HeadsError, match="vocabulary has 60"):
+        heads.check(hidden_size=H, n_vocab=60)
+    broken = fd_state(n_heads=2)
+    del broken["1.0.linear.bias"]
+    with pytest.raises(HeadsError, match="missing 1.0.linear.bias"):
+        heads_from_state_dict(broken)
+    with pytest.raises(HeadsError, match="not found"):
+        load_heads(tmp_path / "nope.safetensors", H, V)
+
+
+def test_expected_tokens_follow_conditional_acceptance():
+    assert expected_tokens([0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_plan_picks_the_fastest_length_or_stays_off():
+    cost = {1: 18.0, 2: 20.0, 3: 23.0, 4: 28.0}
+    batch = {1: 18.0, 2: 20.0, 3: 23.0, 4: 27.0}
+    good = plan([0.6, 0.5, 0.4], cost, batch)
+    assert good["enabled"] and good["choices"] in ([[0]], [[0], [0, 0]], [[0], [0, 0], [0, 0, 0]])
+    rates = {n: expected_tokens([0.6, 0.5, 0.4], n) / cost[n + 1] for n in (1, 2, 3)}
+    assert len(good["choices"]) == max(rates, key=rates.get)
+    assert good["max_streams"] == 1  # each speculating stream verifies alone: two streams gain more from batching
+    bad = plan([0.02, 0.0, 0.0], cost, batch)
+    assert not bad["enabled"] and "no draft beats plain decoding" in bad["reason"]
