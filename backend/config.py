@@ -25,7 +25,8 @@ class BackendSettings(BaseSettings):
     )
     medusa_heads: str = Field("", description="Medusa head checkpoint (file or directory); empty: no speculation")
     medusa_tree: str = Field(
-        "", description="tuning result (JSON from backend.medusa.tune), a medusa_choices list, or a file of one"
+        "", description="tuning result (JSON from backend.medusa.tune), a medusa_choices list, or a file of one; "
+        "empty: measure the cost curve at start and tune on the first steps' acceptance"
     )
     medusa_max_streams: int = Field(0, ge=0, description="speculate while at most this many sequences decode (0: the tuning's, else 1)")
     medusa_acceptance: str = Field("lossless", pattern="^(lossless|typical)$", description="'lossless' or 'typical' (Medusa's, opt-in)")

@@ -225,6 +225,9 @@ class Engine:
         if act is not None:
             self._prefill_chunk(act)
         self._running = [a for a in self._running if not all(s.done for s in a.seqs)]
+        if self.spec is not None and not self.spec.ranks and m.embeddings:
+            m.set_embeddings(False)  # the tuning switched speculation off: stop producing hidden states
+            m.embeddings = False
 
     def _speculative_step(self, act: _Active, seq: _Seq) -> None:
         """Decode last_token + the draft in the sequence's own batch (so every row's logits are what

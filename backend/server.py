@@ -70,6 +70,9 @@ class ModelService:
                 ),
             )
             self.speculator = build_speculator(s, model)
+            if self.speculator is None and model.embeddings:
+                model.set_embeddings(False)  # heads given but the tuning keeps Medusa off
+                model.embeddings = False
             self.template = choose_template(
                 s.chat_template, model.chat_template(), model.meta("general.architecture") or "", model.meta("general.name") or path.name
             )

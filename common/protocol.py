@@ -126,6 +126,7 @@ class MedusaReport(BaseModel):
     choices: list[list[int]] = Field(description="the draft path verified each step (Medusa choices)")
     max_streams: int = Field(description="speculate while at most this many sequences decode")
     acceptance: str = Field(description="'lossless' or 'typical'")
+    note: str = Field("", description="how the draft was tuned, or why speculation is off")
     speculative_steps: int = 0
     mean_tokens_per_step: float | None = Field(None, description="accepted draft tokens + 1, per speculative step")
     per_head_acceptance: list[float | None] = Field(default_factory=list, description="per depth, given the depths before passed")

@@ -139,3 +139,16 @@ def test_a_tuning_that_found_no_gain_keeps_medusa_off(model_service, medusa_serv
         assert service.error is None and service.speculator is None and service.info.medusa is False
     finally:
         service.engine.shutdown()
+
+
+def test_without_a_tree_the_server_measures_costs_and_tunes_online(model_service, medusa_service, plain_greedy):
+    service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=4,
+                                           threads=2, medusa_heads=medusa_service.settings.medusa_heads))
+    service.load()
+    try:
+        spec = service.speculator
+        assert service.error is None and spec.costs is not None and spec.note == "tuning online"
+        assert set(spec.costs[0]) == {1, 2, 3, 4} and set(spec.costs[1]) == {1, 2, 3, 4}
+        assert tokens(service, reqs(count=3), together=False) == plain_greedy[:3]
+    finally:
+        service.engine.shutdown()

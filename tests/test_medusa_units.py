@@ -17,7 +17,7 @@ from backend.medusa.tree import (
     typical_ok,
     validate,
 )
-from backend.medusa.tune import expected_tokens, plan
+from backend.medusa.planning import expected_tokens, plan
 
 H, V = 16, 50
 
@@ -161,3 +161,22 @@ def test_plan_picks_the_fastest_length_or_stays_off():
     assert good["max_streams"] == 1  # each speculating stream verifies alone: two streams gain more from batching
     bad = plan([0.02, 0.0, 0.0], cost, batch)
     assert not bad["enabled"] and "no draft beats plain decoding" in bad["reason"]
+
+
+def test_online_tuning_switches_off_a_draft_that_does_not_pay_and_keeps_one_that_does():
+    from backend.medusa.speculator import Speculator
+    from backend.medusa.tree import chain as top1
+
+    heads = heads_from_state_dict(fd_state(n_heads=3))
+    costs = ({1: 18.0, 2: 20.0, 3: 23.0, 4: 28.0}, {1: 18.0, 2: 20.0})
+    spec = Speculator(heads, top1(3), costs=costs, tune_after=10)
+    for _ in range(10):
+        spec.record(draft_len=3, accepted=0)
+    assert not spec.active_for(1) and "off after 10 steps" in spec.note
+    assert spec.drafts(np.zeros((1, H), np.float32)) == [[]]
+
+    spec = Speculator(heads, top1(3), costs=costs, tune_after=10)
+    for i in range(10):
+        spec.record(draft_len=3, accepted=1 if i % 2 else 0)  # head 0 right half the time
+    assert spec.active_for(1) and not spec.active_for(2)
+    assert spec.ranks == [0] and "tuned after 10 steps" in spec.note

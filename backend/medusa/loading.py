@@ -8,6 +8,7 @@ from pathlib import Path
 from backend.config import BackendSettings
 from backend.llama_model import LlamaModel
 from backend.medusa.heads import load_heads
+from backend.medusa.planning import measure_costs
 from backend.medusa.speculator import Speculator
 from backend.medusa.tree import chain, load_tree
 from common.protocol import MedusaReport
@@ -19,16 +20,21 @@ def build_speculator(s: BackendSettings, model: LlamaModel) -> Speculator | None
     if not s.medusa_heads:
         return None
     heads = load_heads(Path(s.medusa_heads), model.n_embd, model.n_vocab)
+    costs = None
     if s.medusa_tree:
         choices, tuning = load_tree(s.medusa_tree)
     else:
+        # No tuning given: measure this machine's cost curve now and tune on live acceptance.
         choices, tuning = chain(heads.n_heads), {}
-        log.warning("medusa: no MEDUSA_TREE given; verifying the top-1 path of all %d heads, untuned", heads.n_heads)
+        costs = measure_costs(model, list(range(1, heads.n_heads + 2)), reps=3)
+        log.info("medusa: no MEDUSA_TREE; measured decode ms %s, tuning on the first steps' acceptance",
+                 {k: round(v, 1) for k, v in costs[0].items()})
     if tuning.get("enabled") is False:
         log.warning("medusa: off, the tuning found no draft that beats plain decoding: %s", tuning.get("reason", ""))
         return None
     max_streams = s.medusa_max_streams or int(tuning.get("max_streams", 1))
-    spec = Speculator(heads, choices, max_streams=max_streams, acceptance=s.medusa_acceptance)
+    spec = Speculator(heads, choices, max_streams=max_streams, acceptance=s.medusa_acceptance, costs=costs,
+                      fixed_max_streams=bool(s.medusa_max_streams))
     log.info(
         "medusa: %d heads, draft path %s, speculating up to %d streams, %s acceptance",
         heads.n_heads, [list(c) for c in choices], max_streams, s.medusa_acceptance,
@@ -42,5 +48,6 @@ def report(spec: Speculator) -> MedusaReport:
         choices=[list(c) for c in spec.choices],
         max_streams=spec.max_streams,
         acceptance="typical" if spec.typical else "lossless",
+        note=spec.note,
         **spec.stats.as_dict(),
     )

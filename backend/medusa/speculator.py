@@ -7,6 +7,7 @@ draft is and under how many concurrent streams speculation still pays (from the 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -14,7 +15,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backend.medusa.heads import MedusaHeads
-from backend.medusa.tree import Choices, candidates, path_ranks, validate
+from backend.medusa.planning import plan
+from backend.medusa.tree import Choices, candidates, parse_choices, path_ranks, validate
 
 log = logging.getLogger("backend.medusa")
 
@@ -43,7 +45,13 @@ class Speculator:
         acceptance: str = "lossless",
         typical_epsilon: float = 0.09,
         typical_alpha: float = 0.3,
+        costs: tuple[dict[int, float], dict[int, float]] | None = None,
+        tune_after: int = 128,
+        fixed_max_streams: bool = False,
     ):
+        """costs: this machine's (draft cost, batch cost) curves; with them the speculator tunes
+        itself on the acceptance of its first `tune_after` speculative steps (the tuning command's
+        plan, online), switching off if no draft pays."""
         validate(choices, heads.n_heads)
         # The heads' matmuls are small; OpenBLAS's own threads would spin on after each one and
         # steal the cores llama.cpp's threads decode on (measured: a 19 ms decode became 112 ms).
@@ -57,6 +65,10 @@ class Speculator:
         self.typical_epsilon = typical_epsilon
         self.typical_alpha = typical_alpha
         self.stats = MedusaStats(proposed=[0] * len(self.ranks), accepted=[0] * len(self.ranks))
+        self.costs = costs
+        self.tune_after = tune_after
+        self.fixed_max_streams = fixed_max_streams
+        self.note = "tuning online" if costs else ""
 
     def active_for(self, n_streams: int) -> bool:
         return bool(self.ranks) and n_streams <= self.max_streams
@@ -74,5 +86,25 @@ class Speculator:
             st.proposed[d] += 1
             if d < accepted:
                 st.accepted[d] += 1
+        if self.costs and st.steps == self.tune_after:
+            self._retune()
         if st.steps % 500 == 0:
             log.info("medusa: %s", st.as_dict())
+
+    def _retune(self) -> None:
+        acceptance = [a or 0.0 for a in self.stats.as_dict()["per_head_acceptance"]]
+        result = plan(acceptance, *self.costs)
+        if not result["enabled"]:
+            self.ranks, self.choices = [], []
+            self.note = f"off after {self.stats.steps} steps: {result['reason']}"
+            log.warning("medusa: %s", self.note)
+            return
+        self.choices = parse_choices(json.dumps(result["choices"]))
+        self.ranks = path_ranks(self.choices)
+        if not self.fixed_max_streams:
+            self.max_streams = result["max_streams"]
+        self.note = (
+            f"tuned after {self.stats.steps} steps: draft of {len(self.ranks)}, up to {self.max_streams} streams, "
+            f"expected {result['expected_speedup_one_stream']}x on one stream"
+        )
+        log.info("medusa: %s", self.note)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import time
 from pathlib import Path
 
 from backend.config import BackendSettings
 from backend.llama_model import ContextConfig, LlamaModel
 from backend.local import run_requests
+from backend.medusa.heads import load_heads
+from backend.medusa.planning import COST_KS, measure_costs, plan
 from backend.medusa.tree import chain
 from backend.model_files import resolve_model
 from backend.server import ModelService
@@ -47,79 +47,6 @@ PROMPTS = [
     "Q: What is the boiling point of water at sea level?\nA:",
     "def fibonacci(n):\n",
 ]
-COST_KS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
-
-
-def measure_costs(model: LlamaModel, ks: list[int], reps: int) -> tuple[dict[int, float], dict[int, float]]:
-    """Median ms of one decode: k tokens of one sequence, and one token from each of S sequences."""
-    prompt = model.tokenize(PROMPTS[0], True)
-    n_seqs = model.n_parallel
-    for s in range(n_seqs):
-        model.batch_clear()
-        for i, t in enumerate(prompt):
-            model.batch_add(t, i, s, i == len(prompt) - 1)
-        model.decode()
-    pos = len(prompt)
-
-    def timed(fill) -> float:
-        times = []
-        for _ in range(reps + 1):
-            model.batch_clear()
-            fill()
-            t0 = time.perf_counter()
-            if model.decode() != 0:
-                raise RuntimeError("llama_decode failed while measuring")
-            times.append((time.perf_counter() - t0) * 1000)
-            for s in range(n_seqs):
-                model.seq_rm(s, pos, -1)
-        return statistics.median(times[1:])  # the first warms the graph up
-
-    chain_cost = {k: timed(lambda k=k: [model.batch_add(prompt[-1], pos + j, 0, True) for j in range(k)]) for k in ks}
-    batch_cost = {
-        s: timed(lambda s=s: [model.batch_add(prompt[-1], pos, q, True) for q in range(s)]) for s in range(1, n_seqs + 1)
-    }
-    return chain_cost, batch_cost
-
-
-def expected_tokens(acceptance: list[float], length: int) -> float:
-    e, p = 1.0, 1.0
-    for a in acceptance[:length]:
-        p *= a
-        e += p
-    return e
-
-
-def plan(acceptance: list[float], chain_cost: dict[int, float], batch_cost: dict[int, float]) -> dict:
-    plain_rate = 1.0 / chain_cost[1]
-    options = [
-        (expected_tokens(acceptance, n) / chain_cost[n + 1], n) for n in range(1, len(acceptance) + 1) if n + 1 in chain_cost
-    ]
-    best_rate, best_len = max(options) if options else (0.0, 0)
-    result = {
-        "acceptance": [round(a, 4) for a in acceptance],
-        "cost_ms": {str(k): round(v, 2) for k, v in chain_cost.items()},
-        "batch_cost_ms": {str(k): round(v, 2) for k, v in batch_cost.items()},
-    }
-    if best_rate <= plain_rate:
-        return result | {
-            "enabled": False,
-            "choices": [],
-            "reason": (
-                f"no draft beats plain decoding: best is length {best_len} at "
-                f"{best_rate * 1000:.1f} tok/s against {plain_rate * 1000:.1f} (acceptance {result['acceptance']})"
-            ),
-        }
-    max_streams = max(s for s in batch_cost if best_rate > s / batch_cost[s]) if any(
-        best_rate > s / batch_cost[s] for s in batch_cost
-    ) else 1
-    e = expected_tokens(acceptance, best_len)
-    return result | {
-        "enabled": True,
-        "choices": [list(c) for c in chain(best_len)],
-        "max_streams": max_streams,
-        "expected_tokens_per_step": round(e, 4),
-        "expected_speedup_one_stream": round(best_rate / plain_rate, 4),
-    }
 
 
 def measure_acceptance(settings: BackendSettings, prompts: list[str], max_tokens: int) -> list[float]:
@@ -136,6 +63,27 @@ def measure_acceptance(settings: BackendSettings, prompts: list[str], max_tokens
         service.model.close()
 
 
+def tune(path: Path, heads: Path, out: Path, prompts: list[str] | None = None, max_tokens: int = 96,
+         reps: int = 7, max_k: int = 64, threads: int = 0, n_parallel: int = 4) -> dict:
+    """Measure, plan, and write the tuning JSON that MEDUSA_TREE takes; returns it."""
+    model = LlamaModel(path, ContextConfig(0, n_parallel, threads, 512, False, embeddings=True))
+    n_heads = load_heads(heads, model.n_embd, model.n_vocab).n_heads
+    chain_cost, batch_cost = measure_costs(model, [k for k in COST_KS if k <= max_k], reps)
+    model.close()
+    log.info("cost ms: %s; %d streams: %s", chain_cost, n_parallel, batch_cost)
+    settings = BackendSettings(
+        model=str(path), medusa_heads=str(heads), medusa_tree=json.dumps(chain(n_heads)), medusa_max_streams=1,
+        threads=threads, n_parallel=n_parallel,
+    )
+    acceptance = measure_acceptance(settings, [p for p in (prompts or PROMPTS) if p.strip()], max_tokens)
+    result = plan(acceptance, chain_cost, batch_cost) | {"model": path.name, "heads": str(heads)}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s: %s", out, {k: result[k] for k in ("enabled", "choices") if k in result})
+    if not result["enabled"]:
+        log.warning("medusa stays off: %s", result["reason"])
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="GGUF path or 'default'")
@@ -149,23 +97,9 @@ def main() -> None:
     ap.add_argument("--n-parallel", type=int, default=4)
     args = ap.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    path = resolve_model(args.model, None)
-    model = LlamaModel(path, ContextConfig(0, args.n_parallel, args.threads, 512, False, embeddings=True))
-    chain_cost, batch_cost = measure_costs(model, [k for k in COST_KS if k <= args.max_k], args.reps)
-    model.close()
-    log.info("cost ms: %s; %d streams: %s", chain_cost, args.n_parallel, batch_cost)
-
-    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else PROMPTS
-    settings = BackendSettings(
-        model=str(path), medusa_heads=args.heads, medusa_max_streams=1, threads=args.threads, n_parallel=args.n_parallel
-    )
-    acceptance = measure_acceptance(settings, [p for p in prompts if p.strip()], args.max_tokens)
-    result = plan(acceptance, chain_cost, batch_cost) | {"model": path.name, "heads": str(args.heads)}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    log.info("wrote %s: %s", args.out, {k: result[k] for k in ("enabled", "choices") if k in result})
-    if not result["enabled"]:
-        log.warning("medusa stays off: %s", result["reason"])
+    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
+    tune(resolve_model(args.model, None), Path(args.heads), Path(args.out), prompts, args.max_tokens, args.reps,
+         args.max_k, args.threads, args.n_parallel)
 
 
 if __name__ == "__main__":
