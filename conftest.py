@@ -17,11 +17,11 @@ ROOT = Path(__file__).parent
 
 @pytest.fixture(scope="session")
 def model_service():
-    """The real default model loaded in-process, engine thread running."""
+    """The real default model loaded in-process, engine thread running, plain decoding (no Medusa)."""
     from backend.config import BackendSettings
     from backend.server import ModelService
 
-    service = ModelService(BackendSettings(ctx_size=1024, n_parallel=4, threads=2))
+    service = ModelService(BackendSettings(ctx_size=1024, n_parallel=4, threads=2, medusa_heads="none"))
     service.load()
     assert service.error is None, service.error
     yield service

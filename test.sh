@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/ensure_venv.sh requirements-test.txt
+# The preset test converts a Hugging Face checkpoint with llama.cpp's converter, in its own venv.
+VENV="$PWD/.venv-convert" scripts/ensure_venv.sh requirements-convert.txt
 exec .venv/bin/python -m pytest "$@"

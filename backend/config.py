@@ -23,7 +23,12 @@ class BackendSettings(BaseSettings):
     extra_buffers: bool = Field(
         False, description="llama.cpp's extra weight buffers (repack/AMX); AMX crashes on some virtual machines"
     )
-    medusa_heads: str = Field("", description="Medusa head checkpoint (file or directory); empty: no speculation")
+    preset: str = Field("", description="a prepared preset (python -m backend.preset NAME): its model, heads, tree, template")
+    medusa_heads: str = Field(
+        "auto",
+        description="Medusa head checkpoint (file or directory); 'auto': the heads shipped for the model (heads/), "
+        "if any; 'none': no speculation",
+    )
     medusa_tree: str = Field(
         "", description="tuning result (JSON from backend.medusa.tune), a medusa_choices list, or a file of one; "
         "empty: measure the cost curve at start and tune on the first steps' acceptance"

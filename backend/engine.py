@@ -251,7 +251,8 @@ class Engine:
             if seq.done or row == len(draft) or token != draft[row]:
                 break
             accepted += 1
-        self.spec.record(len(draft), accepted)
+        if draft:
+            self.spec.record(len(draft), accepted)
         if seq.done:
             return
         # Keep the cells of the root and the accepted draft tokens; last_token (the token the

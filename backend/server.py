@@ -21,9 +21,10 @@ from backend.chat_template import ChatTemplate, choose_template
 from backend.config import BackendSettings
 from backend.engine import Engine
 from backend.llama_model import ContextConfig, LlamaModel
-from backend.medusa.loading import build_speculator, report
+from backend.medusa.loading import build_speculator, heads_path, report
 from backend.medusa.speculator import Speculator
-from backend.model_files import resolve_model
+from backend.model_files import default_cache_dir, resolve_model
+from backend.preset import load_preset
 from backend.prepare import PreparedRequest, prepare
 from common.protocol import (
     CancelRequest,
@@ -60,13 +61,14 @@ class ModelService:
 
     def load(self) -> None:
         try:
-            s = self.settings
+            s = self.settings = apply_preset(self.settings)
             path = resolve_model(s.model, Path(s.model_cache) if s.model_cache else None)
             log.info("loading %s", path)
             model = LlamaModel(
                 path,
                 ContextConfig(
-                    s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers, embeddings=bool(s.medusa_heads)
+                    s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers,
+                    embeddings=heads_path(s.medusa_heads, path) is not None,
                 ),
             )
             self.speculator = build_speculator(s, model)
@@ -117,6 +119,22 @@ class ModelService:
                 out.append(self.prepare_one(req))
             seen.add(req.id)
         return out
+
+
+def apply_preset(s: BackendSettings) -> BackendSettings:
+    """PRESET=name fills the model, heads, tree and chat template a prepared preset recorded,
+    where those settings were left at their defaults."""
+    if not s.preset:
+        return s
+    p = load_preset(s.preset, Path(s.model_cache) if s.model_cache else default_cache_dir())
+    fill = {
+        "model": p["model"] if s.model == "default" else s.model,
+        "medusa_heads": p["medusa_heads"] if s.medusa_heads == "auto" else s.medusa_heads,
+        "medusa_tree": s.medusa_tree or p["medusa_tree"],
+        "chat_template": s.chat_template or p["chat_template"],
+        "model_name": s.model_name or p["name"],
+    }
+    return s.model_copy(update=fill)
 
 
 def not_ready(service: ModelService) -> JSONResponse:

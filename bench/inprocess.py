@@ -14,34 +14,51 @@ from bench.loadgen import PROMPTS, percentile
 from common.protocol import GenerationRequest
 
 
-def engine_levels(service, levels: list[int], max_tokens: int, rounds: int) -> list[dict]:
+def _round(service, prompts: list[str], c: int, r: int, max_tokens: int, tag: str) -> dict:
+    """c requests at once (prompts picked by round r); their timings."""
     from backend.local import run_requests
 
-    run_requests(service, [GenerationRequest(id="warm", prompt=PROMPTS[0], max_tokens=8, temperature=0)])
-    out = []
-    n = 0
+    reqs = [GenerationRequest(id=f"{tag}-{c}-{r}-{i}", prompt=prompts[(r * c + i) % len(prompts)],
+                              max_tokens=max_tokens, temperature=0, ignore_eos=True) for i in range(c)]
+    t0 = time.perf_counter()
+    out = {"ttft": [], "itl": [], "rates": [], "tokens": 0}
+    for res in run_requests(service, reqs).values():
+        times = res.choices[0].token_times
+        out["ttft"].append(times[0] - res.submitted)
+        out["itl"] += [b - a for a, b in zip(times, times[1:])]
+        out["rates"].append((len(times) - 1) / (times[-1] - times[0]))
+        out["tokens"] += len(times)
+    out["wall"] = time.perf_counter() - t0
+    return out
+
+
+def _level(c: int, rounds: list[dict]) -> dict:
+    ttft = [x * 1000 for r in rounds for x in r["ttft"]]
+    itl = [x * 1000 for r in rounds for x in r["itl"]]
+    return dict(concurrency=c, requests=sum(len(r["rates"]) for r in rounds), errors=0,
+                ttft_p50_ms=percentile(ttft, 50), ttft_p95_ms=percentile(ttft, 95), itl_p50_ms=percentile(itl, 50),
+                stream_tok_s=statistics.mean(x for r in rounds for x in r["rates"]),
+                aggregate_tok_s=sum(r["tokens"] for r in rounds) / sum(r["wall"] for r in rounds))
+
+
+def engine_levels(service, levels: list[int], max_tokens: int, rounds: int, prompts: list[str] = PROMPTS) -> list[dict]:
+    return interleaved_levels({"engine": service}, levels, max_tokens, rounds, prompts)["engine"]
+
+
+def interleaved_levels(services: dict, levels: list[int], max_tokens: int, rounds: int,
+                       prompts: list[str] = PROMPTS) -> dict[str, list[dict]]:
+    """Each round runs the same requests through every service in turn, so a machine that speeds up
+    or slows down during the run favours none of them."""
+    for name, service in services.items():
+        _round(service, prompts, 1, 0, 8, f"warm-{name}")
+    out = {name: [] for name in services}
     for c in levels:
-        ttft, itl, stream_rates, tokens = [], [], [], 0
-        t0 = time.perf_counter()
+        per = {name: [] for name in services}
         for r in range(rounds):
-            reqs = []
-            for i in range(c):
-                n += 1
-                reqs.append(GenerationRequest(id=f"b{n}", prompt=PROMPTS[(r * c + i) % len(PROMPTS)],
-                                              max_tokens=max_tokens, temperature=0, ignore_eos=True))
-            for res in run_requests(service, reqs).values():
-                ch = res.choices[0]
-                times = ch.token_times
-                ttft.append(times[0] - res.submitted)
-                itl += [b - a for a, b in zip(times, times[1:])]
-                stream_rates.append((len(times) - 1) / (times[-1] - times[0]))
-                tokens += len(times)
-        wall = time.perf_counter() - t0
-        out.append(dict(concurrency=c, requests=c * rounds, errors=0,
-                        ttft_p50_ms=percentile([x * 1000 for x in ttft], 50),
-                        ttft_p95_ms=percentile([x * 1000 for x in ttft], 95),
-                        itl_p50_ms=percentile([x * 1000 for x in itl], 50),
-                        stream_tok_s=statistics.mean(stream_rates), aggregate_tok_s=tokens / wall))
+            for name, service in services.items():
+                per[name].append(_round(service, prompts, c, r, max_tokens, name))
+        for name in services:
+            out[name].append(_level(c, per[name]))
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.inprocess import engine_levels
+from bench.inprocess import interleaved_levels
 from bench.loadgen import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,57 +71,56 @@ def default_model_part(args) -> dict:
     from common.protocol import GenerationRequest
 
     path = resolve_model(args.model, None)
-    base = dict(model=str(path), ctx_size=1024, n_parallel=4, threads=args.threads)
+    base = dict(model=str(path), ctx_size=1024, n_parallel=4, threads=args.threads, medusa_heads="none")
     levels = [1, 4]
 
-    def levels_of(**kw) -> tuple[list[dict], dict, str]:
-        service = ModelService(BackendSettings(**base, **kw))
+    def load(**kw) -> ModelService:
+        service = ModelService(BackendSettings(**{**base, **kw}))
         service.load()
         if service.error:
             raise RuntimeError(service.error)
-        try:
-            rows = engine_levels(service, levels, args.max_tokens, args.rounds)
-            spec = service.speculator
-            return rows, (spec.stats.as_dict() if spec else {}), ("on" if spec else "off")
-        finally:
-            service.engine.shutdown()
-            service.model.close()
+        return service
 
-    plain = ModelService(BackendSettings(**base))
-    plain.load()
+    plain = load()
     heads = args.heads
     if not heads:
-        prompts = PROMPTS + TUNE_PROMPTS
+        seed_prompts = PROMPTS + TUNE_PROMPTS
         outs = run_requests(plain, [GenerationRequest(id=f"h{i}", prompt=p, max_tokens=args.max_tokens, temperature=0)
-                                    for i, p in enumerate(prompts)])
+                                    for i, p in enumerate(seed_prompts)])
         used = {t for r in outs.values() for t in r.choices[0].token_ids} | set(range(4096))
         heads = str(Path(tempfile.mkdtemp()) / "base-initialised-heads.safetensors")
         base_initialised_heads(path, 3, np.array(sorted(used))).save(Path(heads))
-    plain_rows = engine_levels(plain, levels, args.max_tokens, args.rounds)
-    plain.engine.shutdown()
-    plain.model.close()
-
+    shipped = Path(heads).parent / "held_out_prompts.txt"
+    prompts_file = args.prompts or (str(shipped) if shipped.exists() else "")
+    prompts = [p for p in Path(prompts_file).read_text().splitlines() if p.strip()] if prompts_file else PROMPTS
     tree = args.tree
     tuning = None
-    if not tree:  # the tuning command's own function, on its prompt set
+    if tree and Path(tree).is_file() and tree.endswith(".json"):
+        tuning = json.loads(Path(tree).read_text())  # a tuning command's result, reused
+    if not tree:  # the tuning command's own function, on the same prompts
         tree = str(Path(tempfile.mkdtemp()) / "tree.json")
-        tuning = tune(path, Path(heads), Path(tree), max_tokens=args.max_tokens, reps=5, max_k=8,
+        tuning = tune(path, Path(heads), Path(tree), prompts=prompts, max_tokens=args.max_tokens, reps=5, max_k=8,
                       threads=args.threads, n_parallel=4)
-    tuned_rows, tuned_stats, tuned_state = levels_of(medusa_heads=heads, medusa_tree=tree)
     n_heads = len(json.loads(Path(tree).read_text()).get("acceptance", [])) or 3
     forced_tree = json.dumps([[0] * d for d in range(1, n_heads + 1)])
-    forced_rows, forced_stats, _ = levels_of(medusa_heads=heads, medusa_tree=forced_tree)
-    # Plain again at the end, so a drift of the machine over the run does not favour either side.
-    plain_after, _, _ = levels_of()
-    plain_rows = [
-        {k: (v + w) / 2 if isinstance(v, float) else v for (k, v), w in zip(a.items(), b.values())}
-        for a, b in zip(plain_rows, plain_after)
-    ]
-    return dict(model=path.name, heads=heads, tree=tree, tuning=tuning, plain=plain_rows,
+    services = {"plain": plain, "tuned": load(medusa_heads=heads, medusa_tree=tree),
+                "forced": load(medusa_heads=heads, medusa_tree=forced_tree)}
+    try:
+        rows = interleaved_levels(services, levels, args.max_tokens, args.rounds, prompts)
+        stats = {name: (s.speculator.stats.as_dict() if s.speculator else {}) for name, s in services.items()}
+        tuned_state = "on" if services["tuned"].speculator else "off"
+    finally:
+        for service in services.values():
+            service.engine.shutdown()
+            service.model.close()
+    plain_rows, tuned_rows, forced_rows = rows["plain"], rows["tuned"], rows["forced"]
+    tuned_stats, forced_stats = stats["tuned"], stats["forced"]
+    return dict(model=path.name, heads=heads, prompts=prompts_file or "bench.loadgen.PROMPTS", tree=tree, tuning=tuning,
+                plain=plain_rows,
                 tuned=tuned_rows, tuned_state=tuned_state, tuned_stats=tuned_stats,
                 forced=forced_rows, forced_tree=forced_tree, forced_stats=forced_stats,
-                ratios={f"{name} / plain, {c} stream{'s' if c > 1 else ''}": rows[i][key] / plain_rows[i][key]
-                        for name, rows in (("tuned", tuned_rows), ("forced", forced_rows))
+                ratios={f"{name} / plain, {c} stream{'s' if c > 1 else ''}": got[i][key] / plain_rows[i][key]
+                        for name, got in (("tuned", tuned_rows), ("forced", forced_rows))
                         for i, (c, key) in enumerate(((1, "stream_tok_s"), (4, "aggregate_tok_s")))})
 
 
@@ -150,17 +149,19 @@ def markdown(rep: dict) -> str:
     if d:
         t = d["tuning"] or {}
         lines += [f"### Default model ({d['model']}), in-process, greedy, {rep['max_tokens']} tokens", "",
-                  f"Heads: {d['heads']}.", "",
+                  f"Heads: {d['heads']}; prompts: {d['prompts']}.", "",
                   "| decoding | streams | tok/s per stream | aggregate tok/s |", "|---|---|---|---|"]
-        # plain: the mean of a run before and a run after the Medusa runs
-        for name, label in (("plain", "plain (mean of first and last run)"), ("tuned", f"Medusa, tuned (speculation {d['tuned_state']})"),
+        for name, label in (("plain", "plain"), ("tuned", f"Medusa, tuned (speculation {d['tuned_state']})"),
                             ("forced", f"Medusa, untuned draft {d['forced_tree']}")):
             for r in d[name]:
                 lines.append(f"| {label} | {r['concurrency']} | {r['stream_tok_s']:.1f} | {r['aggregate_tok_s']:.1f} |")
         lines += [""] + [f"- {k}: {v:.3f}" for k, v in d["ratios"].items()]
-        st = d["forced_stats"]
-        lines.append(f"- untuned draft: mean tokens per speculative step {st.get('mean_tokens_per_step')}, per-head "
-                     f"acceptance {st.get('per_head_acceptance')}, {st.get('speculative_steps')} speculative steps")
+        for name in ("tuned", "forced"):
+            st = d[f"{name}_stats"]
+            if st:
+                lines.append(f"- {name} draft: mean tokens per speculative step {st.get('mean_tokens_per_step')}, "
+                             f"per-head acceptance {st.get('per_head_acceptance')}, "
+                             f"{st.get('speculative_steps')} speculative steps")
         if t:
             lines.append("- decode cost on this machine, ms (k tokens of one sequence): "
                          + ", ".join(f"k={k} {v}" for k, v in t["cost_ms"].items()))
@@ -189,9 +190,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--heads", default="", help="head checkpoint (default: base-initialised heads made here)")
-    ap.add_argument("--tree", default="", help="MEDUSA_TREE (default: the top-1 path of all heads)")
+    ap.add_argument("--tree", default="", help="MEDUSA_TREE (default: tune here, with the tuning command's function)")
+    ap.add_argument("--prompts", default="", help="prompt file (default: the heads' held_out_prompts.txt, if any)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=12, help="rounds at each level (a round: one request per stream)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--big-reps", type=int, default=3)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "llm-serve" / "bench"))

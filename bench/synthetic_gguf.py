@@ -38,7 +38,12 @@ def _q8_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return data.reshape(rows, blocks * 34)
 
 
-def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0) -> Path:
+def _dense(rows: int, cols: int, rng: np.random.Generator, dtype) -> np.ndarray:
+    return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(dtype)
+
+
+def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0, weight_type: str = "q8_0") -> Path:
+    """weight_type: "q8_0" (random quants), "f16" or "f32" (random normal weights)."""
     from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 
     rng = np.random.default_rng(seed)
@@ -52,7 +57,7 @@ def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0) -> Path:
     w.add_head_count_kv(shape.n_head_kv)
     w.add_rope_dimension_count(shape.n_embd // shape.n_head)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(7)  # LLAMA_FTYPE_MOSTLY_Q8_0
+    w.add_file_type({"q8_0": 7, "f16": 1, "f32": 0}[weight_type])
     # A SentencePiece-style vocabulary: specials, the 256 byte tokens, then filler pieces.
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     tokens += [f"▁t{i}" for i in range(shape.n_vocab - len(tokens))]
@@ -66,10 +71,11 @@ def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0) -> Path:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    q8 = GGMLQuantizationType.Q8_0
+    q8 = GGMLQuantizationType.Q8_0 if weight_type == "q8_0" else None
     e, f, v = shape.n_embd, shape.n_ff, shape.n_vocab
     kv = e * shape.n_head_kv // shape.n_head
-    shared = {dims: _q8_0(*dims, rng) for dims in {(v, e), (e, e), (kv, e), (f, e), (e, f)}}
+    make = _q8_0 if weight_type == "q8_0" else lambda r, c, g: _dense(r, c, g, {"f16": np.float16, "f32": np.float32}[weight_type])
+    shared = {dims: make(*dims, rng) for dims in {(v, e), (e, e), (kv, e), (f, e), (e, f)}}
     ones = np.ones(e, dtype=np.float32)
     w.add_tensor("token_embd.weight", shared[(v, e)], raw_dtype=q8)
     for i in range(shape.n_layer):

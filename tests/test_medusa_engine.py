@@ -152,3 +152,18 @@ def test_without_a_tree_the_server_measures_costs_and_tunes_online(model_service
         assert tokens(service, reqs(count=3), together=False) == plain_greedy[:3]
     finally:
         service.engine.shutdown()
+
+
+def test_the_shipped_heads_are_found_and_keep_greedy_exact(model_service, plain_greedy):
+    # MEDUSA_HEADS=auto finds heads/<GGUF stem>/heads.safetensors, trained by backend.medusa.train.
+    service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=4,
+                                           threads=2, medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8))
+    service.load()
+    try:
+        assert service.error is None and service.info.medusa
+        assert tokens(service, reqs(), together=False) == plain_greedy
+        assert tokens(service, reqs(), together=True) == plain_greedy
+        st = service.speculator.stats
+        assert st.tokens / st.steps > 1.3  # trained heads: a good share of drafts accepted
+    finally:
+        service.engine.shutdown()

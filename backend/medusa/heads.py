@@ -47,11 +47,12 @@ class MedusaHeads:
     def n_outputs(self) -> int:
         return self.heads[0].proj.shape[0]
 
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """[n_heads, B, V_head] head logits for hidden states [B, H] (or [H])."""
+    def logits(self, hidden: np.ndarray, n: int | None = None) -> np.ndarray:
+        """[n, B, V_head] logits of the first n heads (default all) for hidden states [B, H] (or [H])."""
         x0 = np.atleast_2d(np.asarray(hidden, dtype=np.float32))
-        out = np.empty((self.n_heads, x0.shape[0], self.n_outputs), dtype=np.float32)
-        for k, head in enumerate(self.heads):
+        heads = self.heads[: self.n_heads if n is None else n]
+        out = np.empty((len(heads), x0.shape[0], self.n_outputs), dtype=np.float32)
+        for k, head in enumerate(heads):
             x = x0
             for w, b in head.blocks:
                 z = x @ w.T + b
@@ -59,9 +60,9 @@ class MedusaHeads:
             out[k] = x @ head.proj.T
         return out
 
-    def propose(self, hidden: np.ndarray, top_k: int) -> np.ndarray:
-        """[n_heads, B, top_k] vocabulary ids, best first, for hidden states [B, H] (or [H])."""
-        lg = self.logits(hidden)
+    def propose(self, hidden: np.ndarray, top_k: int, n: int | None = None) -> np.ndarray:
+        """[n, B, top_k] vocabulary ids of the first n heads, best first, for hidden states [B, H]."""
+        lg = self.logits(hidden, n)
         k = min(top_k, lg.shape[-1])
         idx = np.argpartition(-lg, k - 1, axis=-1)[..., :k]
         order = np.argsort(-np.take_along_axis(lg, idx, axis=-1), axis=-1, kind="stable")
@@ -93,16 +94,16 @@ class MedusaHeads:
             if self.token_map.min() < 0 or self.token_map.max() >= n_vocab:
                 raise HeadsError(f"token_map holds ids outside the model's vocabulary of {n_vocab}")
 
-    def save(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+    def save(self, path: Path, metadata: dict[str, str] | None = None, dtype=np.float32) -> None:
         """The project's format: FasterDecoding's key layout in safetensors, plus the token map."""
         from safetensors.numpy import save_file
 
         tensors = {}
         for h, head in enumerate(self.heads):
             for layer, (w, b) in enumerate(head.blocks):
-                tensors[f"{h}.{layer}.linear.weight"] = w
-                tensors[f"{h}.{layer}.linear.bias"] = b
-            tensors[f"{h}.{len(head.blocks)}.weight"] = head.proj
+                tensors[f"{h}.{layer}.linear.weight"] = w.astype(dtype)
+                tensors[f"{h}.{layer}.linear.bias"] = b.astype(dtype)
+            tensors[f"{h}.{len(head.blocks)}.weight"] = head.proj.astype(dtype)
         if self.token_map is not None:
             tensors["token_map"] = self.token_map.astype(np.int32)
         save_file(tensors, str(path), metadata={"format": "llm-serve-medusa", **(metadata or {})})

@@ -16,10 +16,24 @@ from common.protocol import MedusaReport
 log = logging.getLogger("backend.medusa")
 
 
-def build_speculator(s: BackendSettings, model: LlamaModel) -> Speculator | None:
-    if not s.medusa_heads:
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent.parent / "heads"
+
+
+def heads_path(spec: str, model_path: Path) -> Path | None:
+    """MEDUSA_HEADS: 'auto' finds heads shipped for this GGUF (heads/<file stem>/), 'none' or '' none."""
+    if spec in ("", "none"):
         return None
-    heads = load_heads(Path(s.medusa_heads), model.n_embd, model.n_vocab)
+    if spec == "auto":
+        shipped = SHIPPED_HEADS / model_path.stem / "heads.safetensors"
+        return shipped if shipped.exists() else None
+    return Path(spec)
+
+
+def build_speculator(s: BackendSettings, model: LlamaModel) -> Speculator | None:
+    path = heads_path(s.medusa_heads, model.path)
+    if path is None:
+        return None
+    heads = load_heads(path, model.n_embd, model.n_vocab)
     costs = None
     if s.medusa_tree:
         choices, tuning = load_tree(s.medusa_tree)

@@ -75,7 +75,9 @@ class Speculator:
 
     def drafts(self, hidden: np.ndarray) -> list[list[int]]:
         """One draft path per row of hidden states [B, H]."""
-        props = self.heads.propose(hidden, self.top_k)  # [n_heads, B, top_k]
+        if not self.ranks:
+            return [[] for _ in range(np.atleast_2d(hidden).shape[0])]
+        props = self.heads.propose(hidden, self.top_k, n=len(self.ranks))  # only the heads the draft uses
         return [candidates(props[:, b, :], self.ranks) for b in range(props.shape[1])]
 
     def record(self, draft_len: int, accepted: int) -> None:

@@ -1,0 +1,62 @@
+"""Medusa training, end to end on a small random llama GGUF the test writes: self-distillation data
+through llama.cpp, a vocabulary subset, torch training, held-out report, export the server loads,
+resumption without redoing work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from backend.medusa.heads import load_heads
+from backend.medusa.train import build_vocab, examples, run, to_subset, training_prompts
+from bench.synthetic_gguf import LlamaShape, write_llama_gguf
+
+pytest.importorskip("torch")
+SHAPE = LlamaShape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=4, n_vocab=1000, n_ctx=512)
+
+
+def test_targets_are_the_tokens_two_and_more_ahead(tmp_path):
+    # One sequence: fed tokens y0..y4 with hidden states h0..h4, and y5 the last prediction.
+    np.savez(tmp_path / "s.npz", hidden=np.arange(5, dtype=np.float16)[:, None].repeat(2, 1),
+             ids=np.array([10, 11, 12, 13, 14, 15]), lengths=np.array([5]))
+    x, y = examples([tmp_path / "s.npz"], n_heads=2)
+    assert x.shape == (5, 2)
+    assert y[:, 0].tolist() == [12, 13, 14, 15, -1]  # head 0 at h_i predicts y_{i+2}
+    assert y[:, 1].tolist() == [13, 14, 15, -1, -1]
+
+
+def test_vocabulary_subset_and_mapping():
+    targets = np.array([[5, 5], [7, 9], [5, -1]])
+    vocab = build_vocab(targets, 2)
+    assert vocab.tolist() == [5, 7] or vocab.tolist() == [5, 9]
+    mapped = to_subset(np.array([5, 9, -1, 7]), np.array([5, 7]))
+    assert mapped.tolist() == [0, -100, -100, 1]
+
+
+def test_prompts_ship_with_the_repo_and_python():
+    prompts = training_prompts(200)
+    assert len(prompts) == 200 and len(set(prompts)) > 190
+    assert any("def fibonacci" in p for p in prompts)  # repo file
+    assert sum(len(p.split()) >= 6 for p in prompts[100:]) > 90  # pydoc topics paragraphs
+
+
+def test_train_end_to_end_and_resume(tmp_path):
+    model = write_llama_gguf(tmp_path / "tiny.gguf", SHAPE, weight_type="f32")
+    prompts = [f"Sentence number {i} says something about topic {i % 7}." for i in range(8)]
+    kw = dict(held_out=0.25, max_tokens=16, n_heads=2, vocab=64, epochs=2, batch=32, n_parallel=4, threads=2)
+    report = run(model, tmp_path / "out", prompts, **kw)
+    assert report["prompts"] == 6 and report["held_out_prompts"] == 2
+    assert len(report["held_out"]["top1"]) == 2 and len(report["loss_per_epoch"]) == 2
+    assert all(0 <= a <= b <= 1 for a, b in zip(report["held_out"]["top1"], report["held_out"]["top5"]))
+    heads = load_heads(tmp_path / "out" / "heads.safetensors", SHAPE.n_embd, SHAPE.n_vocab)
+    assert heads.n_heads == 2 and heads.token_map is not None and len(heads.token_map) <= 64
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["vocab_subset"] == len(heads.token_map)
+
+    shards = sorted((tmp_path / "out" / "work").rglob("shard-*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    again = run(model, tmp_path / "out", prompts, **kw)  # data and all epochs are done: nothing redone
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    assert again["loss_per_epoch"] == report["loss_per_epoch"] and again["held_out"] == report["held_out"]
+    assert len((tmp_path / "out" / "held_out_prompts.txt").read_text().splitlines()) == 2
