@@ -80,27 +80,31 @@ def run(args) -> dict:
         res = asyncio.run(sweep(f"{base}/v1", args.api, model, lv, args.max_tokens, args.rounds))
         report["servers"][name] = [level_dict(x) for x in res]
 
-    # --- our stack ------------------------------------------------------------------------------
-    bport, aport = free_port(), free_port()
-    env = {"BACKEND_PORT": str(bport), "THREADS": threads, "N_PARALLEL": str(max(4, max(levels))), "LOG_LEVEL": "warning",
-           "MODEL": str(model_path)}
-    backend = Proc([sys.executable, "-m", "backend"], out / "backend.log", env)
-    try:
-        problem = wait_ready(f"http://127.0.0.1:{bport}", 180)
-        if problem:
-            raise RuntimeError(problem)
-        for name, wait_ms, lv in (("ours", "100", levels), ("ours max_wait_ms=0", "0", [c for c in levels if c >= 4] or levels[-1:])):
-            api = Proc([sys.executable, "-m", "app"], out / "api.log", {**env, "PORT": str(aport), "MAX_WAIT_MS": wait_ms})
-            try:
-                wait_openai(f"http://127.0.0.1:{aport}")
-                import httpx
+    # --- our stack: as served (Medusa with the shipped heads, tuned online), then without Medusa ---
+    for medusa, configs in (
+        ("auto", (("ours", "100", levels), ("ours max_wait_ms=0", "0", [c for c in levels if c >= 4] or levels[-1:]))),
+        ("none", (("ours MEDUSA_HEADS=none", "100", [c for c in levels if c in (1, 4)] or levels[:1]),)),
+    ):
+        bport, aport = free_port(), free_port()
+        env = {"BACKEND_PORT": str(bport), "THREADS": threads, "N_PARALLEL": str(max(4, max(levels))),
+               "LOG_LEVEL": "warning", "MODEL": str(model_path), "MEDUSA_HEADS": medusa}
+        backend = Proc([sys.executable, "-m", "backend"], out / f"backend-{medusa}.log", env)
+        try:
+            problem = wait_ready(f"http://127.0.0.1:{bport}", 180)
+            if problem:
+                raise RuntimeError(problem)
+            for name, wait_ms, lv in configs:
+                api = Proc([sys.executable, "-m", "app"], out / "api.log", {**env, "PORT": str(aport), "MAX_WAIT_MS": wait_ms})
+                try:
+                    wait_openai(f"http://127.0.0.1:{aport}")
+                    import httpx
 
-                model_id = httpx.get(f"http://127.0.0.1:{aport}/v1/models").json()["data"][0]["id"]
-                bench_url(name, f"http://127.0.0.1:{aport}", model_id, lv)
-            finally:
-                api.stop()
-    finally:
-        backend.stop()
+                    model_id = httpx.get(f"http://127.0.0.1:{aport}/v1/models").json()["data"][0]["id"]
+                    bench_url(name, f"http://127.0.0.1:{aport}", model_id, lv)
+                finally:
+                    api.stop()
+        finally:
+            backend.stop()
 
     # --- in-process baselines -------------------------------------------------------------------
     from backend.config import BackendSettings
@@ -114,6 +118,7 @@ def run(args) -> dict:
         report["servers"]["engine in-process"] = engine_levels(service, levels, args.max_tokens, args.rounds)
     finally:
         service.engine.shutdown()
+    service.model.set_embeddings(False)  # the floor is a bare decode loop: logits only
     report["servers"]["decode loop (floor)"] = floor_levels(service.model, levels, args.max_tokens)
     service.model.close()
 
@@ -174,6 +179,10 @@ def ratios(s: dict) -> dict:
     ratio("1 stream: ours over HTTP / engine in-process", _at(ours, 1, "stream_tok_s"), _at(eng, 1, "stream_tok_s"))
     ratio("4 streams: ours / llama-server (aggregate)", _at(ours, 4, "aggregate_tok_s"), _at(peer, 4, "aggregate_tok_s"))
     ratio("4 streams aggregate / ours 1 stream", _at(ours, 4, "aggregate_tok_s"), _at(ours, 1, "aggregate_tok_s"))
+    plain = s.get("ours MEDUSA_HEADS=none")
+    ratio("4 streams aggregate / ours 1 stream without Medusa", _at(ours, 4, "aggregate_tok_s"), _at(plain, 1, "aggregate_tok_s"))
+    ratio("1 stream: ours / ours without Medusa (stream tok/s)", _at(ours, 1, "stream_tok_s"), _at(plain, 1, "stream_tok_s"))
+    ratio("4 streams: ours / ours without Medusa (aggregate)", _at(ours, 4, "aggregate_tok_s"), _at(plain, 4, "aggregate_tok_s"))
     ratio("4 streams: 100 ms window / max_wait_ms=0 (aggregate)", _at(ours, 4, "aggregate_tok_s"), _at(zero, 4, "aggregate_tok_s"))
     a, b = _at(ours, 1, "ttft_p50_ms"), _at(eng, 1, "ttft_p50_ms")
     if a is not None and b is not None:
