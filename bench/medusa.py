@@ -2,10 +2,11 @@
 
     python -m bench.medusa [--heads H.safetensors] [--tree tree.json]   # bench/results/medusa.{json,md}
 
-Part 1, the default model in-process (bench.inprocess.engine_levels, greedy, ignore_eos): plain vs
-Medusa at 1 and 4 streams (tokens/s ratio, mean tokens per speculative step), and the tuning plan
-(backend.medusa.tune.plan) from this machine's cost curve and the acceptance just measured. Without
---heads it uses heads it can make: the base model's own output projection (backend.medusa.init_heads).
+Part 1, the default model in-process (bench.inprocess.interleaved_levels, greedy, ignore_eos): plain,
+Medusa with the tuned draft and Medusa with the untuned full draft at 1 and 4 streams, every round
+sent through each in turn (tokens/s ratios, tokens per speculative step). Without --tree it runs the
+tuning command's function first; without --heads it makes heads from the base model's own output
+projection (backend.medusa.init_heads); prompts: the heads' held_out_prompts.txt when there is one.
 
 Part 2, a 7B-shaped Q8_0 GGUF with random weights (bench/synthetic_gguf.py; timing does not depend on
 weight values): its verify cost curve on this machine, combined with the published Vicuna-7B Medusa-1
