@@ -209,6 +209,7 @@ class Engine:
         for act, seq in decoding:
             if speculate and seq.draft:
                 self._speculative_step(act, seq)
+        plain = [(a, s) for a, s in plain if not s.done]  # a failed speculative step may end a request
         if plain:
             m.batch_clear()
             slots = [(act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)) for act, seq in plain]
@@ -241,23 +242,35 @@ class Engine:
         for d, token in enumerate(draft):
             m.batch_add(token, base + 1 + d, seq.seq_id, True)
         self._decode()
+        p = act.prep.sampling
+        # Typical acceptance judges a draft token by the temperature-scaled distribution alone, so
+        # it applies only where the sampler chain is nothing more (no bias, top-p or penalties).
+        typical = self.spec.typical and p.temperature > 0 and not p.logit_bias and p.top_p >= 1.0 and not (
+            p.presence_penalty or p.frequency_penalty
+        )
         accepted = 0
         for row in range(len(draft) + 1):
             forced = None
-            if self.spec.typical and row < len(draft) and act.prep.sampling.temperature > 0:
-                if typical_ok(m.logits(row), draft[row], act.prep.sampling.temperature, self.spec.typical_epsilon, self.spec.typical_alpha):
+            if typical and row < len(draft):
+                if typical_ok(m.logits(row), draft[row], p.temperature, self.spec.typical_epsilon, self.spec.typical_alpha):
                     forced = draft[row]
             token = self._accept(act, seq, row, forced=forced)
-            if seq.done or row == len(draft) or token != draft[row]:
+            matched = row < len(draft) and token == draft[row]
+            accepted += matched
+            if seq.done or not matched:
                 break
-            accepted += 1
         if draft:
             self.spec.record(len(draft), accepted)
         if seq.done:
             return
         # Keep the cells of the root and the accepted draft tokens; last_token (the token the
         # last accepted row chose) is decoded next step, at position base + accepted + 1.
-        m.seq_rm(seq.seq_id, base + accepted + 1, -1)
+        if not m.seq_rm(seq.seq_id, base + accepted + 1, -1):
+            # A memory that cannot drop a partial tail (recurrent state) would keep the rejected
+            # draft: fail this request and stop speculating rather than emit wrong tokens.
+            self.spec.ranks, self.spec.note = [], "off: this model's memory cannot drop a rejected draft"
+            self._fail(act, "speculative decoding is not supported by this model's memory; retry")
+            return
         seq.draft = self.spec.drafts(m.hidden(accepted))[0]
 
     def _prefill_chunk(self, act: _Active) -> None:

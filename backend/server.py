@@ -127,8 +127,10 @@ def apply_preset(s: BackendSettings) -> BackendSettings:
     if not s.preset:
         return s
     p = load_preset(s.preset, Path(s.model_cache) if s.model_cache else default_cache_dir())
+    if s.model not in ("", "default"):
+        return s  # MODEL overrides the preset: its heads and template belong to the preset's model
     fill = {
-        "model": p["model"] if s.model == "default" else s.model,
+        "model": p["model"],
         "medusa_heads": p["medusa_heads"] if s.medusa_heads == "auto" else s.medusa_heads,
         "medusa_tree": s.medusa_tree or p["medusa_tree"],
         "chat_template": s.chat_template or p["chat_template"],

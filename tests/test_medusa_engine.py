@@ -102,6 +102,31 @@ def test_typical_acceptance_is_opt_in_and_seed_reproducible(medusa_service):
     assert a == b and all(len(x) == n for x, n in zip(a, LENGTHS))
 
 
+def test_typical_acceptance_never_bypasses_the_sampler_chain(model_service, tmp_path):
+    # Heads whose vocabulary is the one token " ": they always propose it, and after "1" the model
+    # itself finds " " likely, so typical acceptance would take it; a bias of -100 must still win.
+    from backend.medusa.heads import Head, MedusaHeads
+
+    banned = model_service.model.tokenize(" 1", add_special=False)[0]
+    hidden = model_service.model.n_embd
+    blocks = [(np.zeros((hidden, hidden), np.float32), np.zeros(hidden, np.float32))]
+    MedusaHeads([Head(blocks, np.ones((1, hidden), np.float32)) for _ in range(2)],
+                token_map=np.array([banned])).save(tmp_path / "h.safetensors")
+    service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=256, n_parallel=1, threads=2,
+                                           medusa_heads=str(tmp_path / "h.safetensors"), medusa_tree="[[0], [0, 0]]",
+                                           medusa_acceptance="typical"))
+    service.load()
+    try:
+        req = lambda bias: GenerationRequest(id=f"m{next(_ids)}", prompt=PROMPTS[0], max_tokens=24, temperature=0.7,
+                                             seed=5, logit_bias=bias)
+        free = run_requests(service, [r := req({})])[r.id].choices[0].token_ids
+        assert free.count(banned) > 5  # the drafts are taken where no bias forbids them
+        biased = run_requests(service, [r := req({banned: -100.0})])[r.id].choices[0].token_ids
+        assert len(biased) == 24 and banned not in biased
+    finally:
+        service.engine.shutdown()
+
+
 def test_figures_in_model_info_and_stats(medusa_service):
     from fastapi.testclient import TestClient
 

@@ -118,7 +118,7 @@ def generate_shard(model: LlamaModel, prompts: list[str], max_tokens: int) -> di
     model.set_embeddings(True)
     hidden = [[] for _ in range(n)]
     ids = [[nxt[s]] for s in range(n)]
-    live = [True] * n
+    live = [not model.is_eog(t) for t in nxt]
     limit = min(max_tokens, model.n_ctx_per_seq - max(pos) - 1)
     for _ in range(limit):
         model.batch_clear()
@@ -150,9 +150,10 @@ def generate_shard(model: LlamaModel, prompts: list[str], max_tokens: int) -> di
 def collect(model_path: Path, prompts: list[str], max_tokens: int, data_dir: Path, n_parallel: int, threads: int) -> list[Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     groups = [prompts[i : i + n_parallel] for i in range(0, len(prompts), n_parallel)]
-    # A shard's name carries a digest of its prompts and length: changed inputs are never reused.
+    # A shard's name carries a digest of its prompts, length and model: changed inputs are never reused.
+    model_key = (model_path.name, model_path.stat().st_size)
     paths = [
-        data_dir / f"shard-{i:05d}-{hashlib.sha1(repr((g, max_tokens)).encode()).hexdigest()[:10]}.npz"
+        data_dir / f"shard-{i:05d}-{hashlib.sha1(repr((g, max_tokens, model_key)).encode()).hexdigest()[:10]}.npz"
         for i, g in enumerate(groups)
     ]
     todo = [i for i, p in enumerate(paths) if not p.exists()]
@@ -277,11 +278,14 @@ def train(model_path: Path, out: Path, x_tr, y_tr, x_ho, y_ho, n_heads: int, voc
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     ckpt = out / "train-checkpoint.pt"
+    setup = {"n_heads": n_heads, "lr": lr, "batch": batch, "seed": seed, "positions": len(x_tr)}  # resume only the same run
     start = 0
     history: list[float] = []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["token_map"].tolist() == token_map.tolist() and state["epochs"] == epochs:
+        same = (state["token_map"].tolist() == token_map.tolist() and state["epochs"] == epochs
+                and state.get("setup") == setup)
+        if same:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
@@ -300,7 +304,11 @@ def train(model_path: Path, out: Path, x_tr, y_tr, x_ho, y_ho, n_heads: int, voc
         for b in bar:
             idx = order[b * batch : (b + 1) * batch]
             outs = module(xt[idx])
-            loss = sum(w * loss_fn(o, yt[idx, k]) for k, (w, o) in enumerate(zip(weights, outs)))
+            # A head whose targets in this batch all fall outside the subset adds nothing (not NaN).
+            loss = sum(w * loss_fn(o, yt[idx, k]) for k, (w, o) in enumerate(zip(weights, outs))
+                       if (yt[idx, k] != -100).any())
+            if not torch.is_tensor(loss):
+                continue
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -309,8 +317,11 @@ def train(model_path: Path, out: Path, x_tr, y_tr, x_ho, y_ho, n_heads: int, voc
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{running / (b + 1):.3f}")
         history.append(round(running / steps_per_epoch, 4))
+        tmp = ckpt.with_suffix(".partial")
         torch.save({"module": module.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "epochs": epochs, "token_map": token_map, "history": history}, ckpt)
+                    "epoch": epoch + 1, "epochs": epochs, "token_map": token_map, "history": history,
+                    "setup": setup}, tmp)
+        tmp.replace(ckpt)  # a run killed mid-save leaves the previous checkpoint intact
     report = {
         "held_out": evaluate(module, x_ho, y_ho, token_map),
         "train_sample": evaluate(module, x_tr[:20000], y_tr[:20000], token_map),
@@ -368,7 +379,7 @@ def main() -> None:
     ap.add_argument("--held-out", type=float, default=0.1, help="share of prompts kept out of training")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--vocab", type=int, default=2048, help="vocabulary subset size (0: full vocabulary)")
+    ap.add_argument("--vocab", type=int, default=2048, help="vocabulary subset size (0: every target token seen)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=256)
