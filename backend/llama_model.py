@@ -155,6 +155,24 @@ class LlamaModel:
         b.n_tokens = i + 1
         return i
 
+    def prefill(self, tokens: list[int], seq_id: int) -> np.ndarray:
+        """Decode a whole prompt (at most n_batch tokens) on a fresh sequence with only its last
+        token as output, hidden-state output off meanwhile; returns that token's logits view."""
+        self.seq_rm(seq_id)
+        hidden_on = self.embeddings
+        if hidden_on:
+            self.set_embeddings(False)  # else every prompt token becomes an output
+        try:
+            self.batch_clear()
+            for i, t in enumerate(tokens):
+                self.batch_add(t, i, seq_id, i == len(tokens) - 1)
+            if self.decode() != 0:
+                raise RuntimeError("llama_decode failed on a prompt")
+        finally:
+            if hidden_on:
+                self.set_embeddings(True)
+        return self.logits(len(tokens) - 1)
+
     def decode(self) -> int:
         return llama.llama_decode(self.ctx, self.batch)
 

@@ -69,15 +69,8 @@ def floor_levels(model, levels: list[int], max_tokens: int) -> list[dict]:
         if k > model.n_parallel:
             continue
         prompts = [model.tokenize(PROMPTS[i % len(PROMPTS)], add_special=True) for i in range(k)]
-        last, pos = [], []
-        for s, toks in enumerate(prompts):
-            model.seq_rm(s)
-            model.batch_clear()
-            for p, t in enumerate(toks):
-                model.batch_add(t, p, s, p == len(toks) - 1)
-            assert model.decode() == 0
-            last.append(int(model.logits(len(toks) - 1).argmax()))
-            pos.append(len(toks))
+        last = [int(model.prefill(toks, s).argmax()) for s, toks in enumerate(prompts)]
+        pos = [len(toks) for toks in prompts]
         steps = []
         for _ in range(max_tokens - 1):
             t0 = time.perf_counter()

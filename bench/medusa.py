@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.medusa.planning import expected_tokens
+from backend.medusa.tree import chain
 from bench.inprocess import interleaved_levels
 from bench.loadgen import PROMPTS
 
@@ -38,13 +40,7 @@ SEED_PROJECTION = 1.25
 def chain_tokens(acc: list[float], length: int, nested: bool) -> float:
     """Expected tokens per step of a top-1 draft of `length`, from unconditional per-head accuracy:
     nested (a head is right only where all before it are: the optimistic bound) or independent."""
-    if nested:
-        return 1.0 + sum(acc[:length])
-    e, p = 1.0, 1.0
-    for a in acc[:length]:
-        p *= a
-        e += p
-    return e
+    return 1.0 + sum(acc[:length]) if nested else expected_tokens(acc, length)
 
 
 def projection(cost: dict[int, float]) -> dict:
@@ -103,7 +99,7 @@ def default_model_part(args) -> dict:
         tuning = tune(path, Path(heads), Path(tree), prompts=prompts, max_tokens=args.max_tokens, reps=5, max_k=8,
                       threads=args.threads, n_parallel=4)
     n_heads = len(json.loads(Path(tree).read_text()).get("acceptance", [])) or 3
-    forced_tree = json.dumps([[0] * d for d in range(1, n_heads + 1)])
+    forced_tree = json.dumps(chain(n_heads))
     services = {"plain": plain, "tuned": load(medusa_heads=heads, medusa_tree=tree),
                 "forced": load(medusa_heads=heads, medusa_tree=forced_tree)}
     try:

@@ -27,15 +27,8 @@ def measure_costs(
     """Median ms of one decode: k tokens of one sequence, and one token from each of S sequences."""
     prompt = prompt or model.tokenize(CALIBRATION_TEXT, True)
     n_seqs = model.n_parallel
-    if model.embeddings:
-        model.set_embeddings(False)  # else every prompt token becomes an output
     for s in range(n_seqs):
-        model.batch_clear()
-        for i, t in enumerate(prompt):
-            model.batch_add(t, i, s, i == len(prompt) - 1)
-        model.decode()
-    if model.embeddings:
-        model.set_embeddings(True)  # measure decodes as the engine runs them
+        model.prefill(prompt, s)
     pos = len(prompt)
 
     def timed(fill) -> float:

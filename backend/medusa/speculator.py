@@ -7,7 +7,6 @@ draft is and under how many concurrent streams speculation still pays (from the 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from backend.medusa.heads import MedusaHeads
 from backend.medusa.planning import plan
-from backend.medusa.tree import Choices, candidates, parse_choices, path_ranks, validate
+from backend.medusa.tree import Choices, candidates, path_ranks, validate
 
 log = logging.getLogger("backend.medusa")
 
@@ -101,7 +100,7 @@ class Speculator:
             self.note = f"off after {self.stats.steps} steps: {result['reason']}"
             log.warning("medusa: %s", self.note)
             return
-        self.choices = parse_choices(json.dumps(result["choices"]))
+        self.choices = [tuple(c) for c in result["choices"]]
         self.ranks = path_ranks(self.choices)
         if not self.fixed_max_streams:
             self.max_streams = result["max_streams"]

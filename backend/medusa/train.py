@@ -104,18 +104,8 @@ def generate_shard(model: LlamaModel, prompts: list[str], max_tokens: int) -> di
     (float16) and id. Returns flat arrays plus sequence offsets."""
     n = len(prompts)
     toks = [model.tokenize(p, True)[: model.n_ctx_per_seq // 2] for p in prompts]
-    model.set_embeddings(False)
-    nxt, pos = [], []
-    for s, t in enumerate(toks):
-        model.seq_rm(s)
-        model.batch_clear()
-        for i, tok in enumerate(t):
-            model.batch_add(tok, i, s, i == len(t) - 1)
-        if model.decode() != 0:
-            raise RuntimeError("llama_decode failed on a prompt")
-        nxt.append(int(model.logits(len(t) - 1).argmax()))
-        pos.append(len(t))
-    model.set_embeddings(True)
+    nxt = [int(model.prefill(t, s).argmax()) for s, t in enumerate(toks)]
+    pos = [len(t) for t in toks]
     hidden = [[] for _ in range(n)]
     ids = [[nxt[s]] for s in range(n)]
     live = [not model.is_eog(t) for t in nxt]

@@ -115,6 +115,6 @@ def load_tree(spec: str) -> tuple[Choices, dict]:
         except ValueError:
             return parse_choices(text), {}
         if isinstance(data, dict):
-            return parse_choices(json.dumps(data.get("choices", []))), data
+            return [tuple(c) for c in data.get("choices", [])], data
         return parse_choices(text), {}
     return parse_choices(spec), {}

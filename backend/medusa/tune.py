@@ -26,6 +26,7 @@ from backend.llama_model import ContextConfig, LlamaModel
 from backend.local import run_requests
 from backend.medusa.heads import load_heads
 from backend.medusa.planning import COST_KS, measure_costs, plan
+from backend.medusa.train import PROMPTS_FILE
 from backend.medusa.tree import chain
 from backend.model_files import resolve_model
 from backend.server import ModelService
@@ -33,20 +34,9 @@ from common.protocol import GenerationRequest
 
 log = logging.getLogger("backend.medusa.tune")
 
-PROMPTS = [
-    "Once upon a time, in a small village at the edge of a great forest, there lived",
-    "The history of the Roman Empire begins with",
-    "Here is a simple Python function that sorts a list of numbers:\n",
-    "The three most important things to know about photosynthesis are",
-    "Dear hiring manager, I am writing to apply for the position of",
-    "In the year 2150, humanity finally reached the outer planets, and",
-    "A good recipe for tomato soup starts with",
-    "The main differences between TCP and UDP are",
-    "To install the package, run the following commands:\n",
-    "The capital cities of Europe include Paris, Berlin,",
-    "Q: What is the boiling point of water at sea level?\nA:",
-    "def fibonacci(n):\n",
-]
+# The tuning's default prompt set: the first of the repo's prompt openers (a held-out set is better:
+# training writes one, held_out_prompts.txt, next to the heads).
+PROMPTS = [line for line in PROMPTS_FILE.read_text().splitlines() if line.strip()][:12]
 
 
 def measure_acceptance(settings: BackendSettings, prompts: list[str], max_tokens: int) -> list[float]:
