@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backend.decode_plan import TILED_FROM_ROWS, companion_rows, needs_companion
 from backend.llama_model import LlamaModel
 from backend.medusa.speculator import Speculator
 from backend.medusa.tree import typical_ok
@@ -193,8 +194,9 @@ class Engine:
         Why two calls, not one mixed batch: llama.cpp's CPU kernels give a token slightly different
         logits when other sequences' multi-token chunks share its ubatch (tests/test_engine.py
         shows it), which would make greedy output depend on concurrency. A batch of single tokens
-        of distinct sequences is invariant, and so is a chunk that holds one sequence alone on a
-        fixed schedule, so every request decodes exactly as it would alone."""
+        of distinct sequences is invariant once no token past position 255 sits alone in its
+        ubatch (backend/decode_plan.py lays that out), and so is a chunk that holds one sequence
+        alone on a fixed schedule, so every request decodes exactly as it would alone."""
         m = self.model
         # In seq-id order: llama.cpp splits a batch whose ids are out of order into one ubatch per
         # sequence (measured: 4 streams cost 74 ms a step instead of 29 ms).
@@ -211,17 +213,9 @@ class Engine:
                 self._speculative_step(act, seq)
         plain = [(a, s) for a, s in plain if not s.done]  # a failed speculative step may end a request
         if plain:
-            m.batch_clear()
-            slots = [(act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)) for act, seq in plain]
-            self._decode()
-            for act, seq, idx in slots:
-                self._accept(act, seq, idx)
-            if speculate:
-                live = [(seq, idx) for _, seq, idx in slots if not seq.done]
-                if live:
-                    drafts = self.spec.drafts(np.stack([m.hidden(idx) for _, idx in live]))
-                    for (seq, _), draft in zip(live, drafts):
-                        seq.draft = draft
+            # Every token takes the attention path it takes alone: lone long ones get a companion row.
+            lone = companion_rows([(s.seq_id, s.n_past) for _, s in plain], self._cells_for_companions())
+            self._decode_single_tokens(plain, {plain[i][1].seq_id for i in lone}, speculate)
         act = next((a for a in self._running if not a.decoding), None)
         if act is not None:
             self._prefill_chunk(act)
@@ -230,17 +224,48 @@ class Engine:
             m.set_embeddings(False)  # the tuning switched speculation off: stop producing hidden states
             m.embeddings = False
 
+    def _cells_for_companions(self) -> int:
+        # 0 turns companion rows off: a recurrent state would advance over the throwaway token.
+        return self.model.n_cells if self.model.attention_only else 0
+
+    def _decode_single_tokens(self, group: list[tuple[_Active, _Seq]], companions: set[int], speculate: bool) -> None:
+        """One llama_decode of each sequence's next token (seq-id order); a sequence in `companions`
+        also gets a throwaway row at its next position, dropped right after (decode_plan)."""
+        m = self.model
+        m.batch_clear()
+        slots = []
+        for act, seq in group:
+            slots.append((act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)))
+            if seq.seq_id in companions:
+                m.batch_add(seq.last_token, seq.n_past + 1, seq.seq_id, False)
+        self._decode()
+        for _, seq, _ in slots:
+            if seq.seq_id in companions:
+                m.seq_rm(seq.seq_id, seq.n_past + 1, -1)
+        for act, seq, idx in slots:
+            self._accept(act, seq, idx)
+        if speculate:
+            live = [(seq, idx) for _, seq, idx in slots if not seq.done]
+            if live:
+                drafts = self.spec.drafts(np.stack([m.hidden(idx) for _, idx in live]))
+                for (seq, _), draft in zip(live, drafts):
+                    seq.draft = draft
+
     def _speculative_step(self, act: _Active, seq: _Seq) -> None:
         """Decode last_token + the draft in the sequence's own batch (so every row's logits are what
         plain decoding gives), then emit target tokens while they match the draft."""
         m = self.model
         room = min(m.n_ctx_per_seq - 1 - seq.n_past, act.prep.max_tokens - seq.generated - 1)
-        draft = seq.draft[: max(0, room)]
+        draft = seq.draft[: max(0, min(room, TILED_FROM_ROWS - 2))]
         base = seq.n_past
         m.batch_clear()
         m.batch_add(seq.last_token, base, seq.seq_id, True)
         for d, token in enumerate(draft):
             m.batch_add(token, base + 1 + d, seq.seq_id, True)
+        if not draft and needs_companion(base, self._cells_for_companions()):
+            # No room left for a draft: a lone row must not take the split-KV path (decode_plan);
+            # the companion's cell goes with the rejected tail below.
+            m.batch_add(seq.last_token, base + 1, seq.seq_id, False)
         self._decode()
         p = act.prep.sampling
         # Typical acceptance judges a draft token by the temperature-scaled distribution alone, so
@@ -254,6 +279,7 @@ class Engine:
             if typical and row < len(draft):
                 if typical_ok(m.logits(row), draft[row], p.temperature, self.spec.typical_epsilon, self.spec.typical_alpha):
                     forced = draft[row]
+                    self.spec.stats.typical_accepted += 1
             token = self._accept(act, seq, row, forced=forced)
             matched = row < len(draft) and token == draft[row]
             accepted += matched

@@ -80,6 +80,10 @@ class LlamaModel:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_seq_max = cparams.n_seq_max
+        # KV cells per sequence: n_ctx_per_seq rounded up to 256 by llama.cpp.
+        self.n_cells = llama.llama_n_ctx_seq(self.ctx)
+        # A memory with recurrent state cannot take a throwaway row and drop it again.
+        self.attention_only = not (llama.llama_model_is_recurrent(self.model) or llama.llama_model_is_hybrid(self.model))
         self.n_embd = llama.llama_model_n_embd(self.model)
         self.embeddings = cfg.embeddings
         self.batch = llama.llama_batch_init(cfg.n_batch, 0, 1)

@@ -2,8 +2,8 @@
 
 Decode time does not depend on weight values, so a 7B-shaped file (Vicuna-7B's shape: 32 layers,
 4096 hidden, 11008 FFN, 32000 vocabulary) measures the verify cost curve Vicuna-7B Q8_0 would have on
-this machine, without downloading it. Tensors of one shape share one random buffer, so writing a
-7 GB file needs only a few hundred MB of memory.
+this machine, without downloading it. Tensors of one shape share one random buffer (the output
+projection has its own), so writing a 7 GB file needs only a few hundred MB of memory.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def _dense(rows: int, cols: int, rng: np.random.Generator, dtype) -> np.ndarray:
 
 
 def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0, weight_type: str = "q8_0") -> Path:
-    """weight_type: "q8_0" (random quants), "f16" or "f32" (random normal weights)."""
+    """weight_type: "q8_0" (random quants), "f32", "f16" or "bf16" (random normal weights)."""
     from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    from gguf.quants import quantize
 
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), "llama")
@@ -57,7 +58,7 @@ def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0, weight_type: 
     w.add_head_count_kv(shape.n_head_kv)
     w.add_rope_dimension_count(shape.n_embd // shape.n_head)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type({"q8_0": 7, "f16": 1, "f32": 0}[weight_type])
+    w.add_file_type({"q8_0": 7, "f16": 1, "f32": 0, "bf16": 32}[weight_type])
     # A SentencePiece-style vocabulary: specials, the 256 byte tokens, then filler pieces.
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     tokens += [f"▁t{i}" for i in range(shape.n_vocab - len(tokens))]
@@ -71,10 +72,15 @@ def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0, weight_type: 
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    q8 = GGMLQuantizationType.Q8_0 if weight_type == "q8_0" else None
+    q8 = {"q8_0": GGMLQuantizationType.Q8_0, "bf16": GGMLQuantizationType.BF16}.get(weight_type)  # raw bytes
     e, f, v = shape.n_embd, shape.n_ff, shape.n_vocab
     kv = e * shape.n_head_kv // shape.n_head
-    make = _q8_0 if weight_type == "q8_0" else lambda r, c, g: _dense(r, c, g, {"f16": np.float16, "f32": np.float32}[weight_type])
+    if weight_type == "q8_0":
+        make = _q8_0
+    elif weight_type == "bf16":  # gguf's own float32 -> bfloat16 rounding, as llama.cpp's converter writes it
+        make = lambda r, c, g: quantize(_dense(r, c, g, np.float32), GGMLQuantizationType.BF16)  # noqa: E731
+    else:
+        make = lambda r, c, g: _dense(r, c, g, {"f16": np.float16, "f32": np.float32}[weight_type])  # noqa: E731
     shared = {dims: make(*dims, rng) for dims in {(v, e), (e, e), (kv, e), (f, e), (e, f)}}
     ones = np.ones(e, dtype=np.float32)
     w.add_tensor("token_embd.weight", shared[(v, e)], raw_dtype=q8)
@@ -89,7 +95,9 @@ def write_llama_gguf(path: Path, shape: LlamaShape, seed: int = 0, weight_type: 
         w.add_tensor(f"blk.{i}.ffn_up.weight", shared[(f, e)], raw_dtype=q8)
         w.add_tensor(f"blk.{i}.ffn_down.weight", shared[(e, f)], raw_dtype=q8)
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", shared[(v, e)], raw_dtype=q8)
+    # An output projection of its own: tied to the embedding, a random model's greedy text is one
+    # token repeated (each token's own row scores highest), which no test of training can use.
+    w.add_tensor("output.weight", make(v, e, rng), raw_dtype=q8)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=True)

@@ -130,6 +130,7 @@ class MedusaReport(BaseModel):
     speculative_steps: int = 0
     mean_tokens_per_step: float | None = Field(None, description="accepted draft tokens + 1, per speculative step")
     per_head_acceptance: list[float | None] = Field(default_factory=list, description="per depth, given the depths before passed")
+    typical_accepted: int = Field(0, description="draft tokens taken by typical acceptance (not lossless) instead of sampled")
 
 
 class ModelInfo(BaseModel):

@@ -29,8 +29,14 @@ def test_completion_greedy(client, live_stack):
 
 
 def test_completion_token_prompts_and_n(client, live_stack):
-    r = client.completions.create(model=live_stack.model, prompt=[[2, 818, 5279], [2, 818]], n=2, max_tokens=3, seed=5)
+    r = client.completions.create(model=live_stack.model, prompt=[[2, 818, 5279], [2, 818]], n=2, max_tokens=3, seed=5,
+                                  extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 12
+    assert all(c.finish_reason == "length" for c in r.choices)
+    again = client.completions.create(model=live_stack.model, prompt=[[2, 818, 5279], [2, 818]], n=2, max_tokens=3,
+                                      seed=5, extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded: reproducible
 
 
 def test_completion_logprobs_echo(client, live_stack):
@@ -51,31 +57,42 @@ def test_completion_stream(client, live_stack):
 
 
 def test_chat(client, live_stack):
-    r = client.chat.completions.create(
-        model=live_stack.model, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}],
-        max_completion_tokens=10, n=2, seed=3, logprobs=True, top_logprobs=2,
-    )
+    kw = dict(model=live_stack.model, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}],
+              max_completion_tokens=10, n=2, seed=3, logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(**kw)
     assert len(r.choices) == 2 and r.choices[0].message.role == "assistant"
     content = r.choices[0].logprobs.content
-    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert r.usage.completion_tokens == 20 or "stop" in {c.finish_reason for c in r.choices}
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert "".join(t.token for t in content) == r.choices[0].message.content
+    again = client.chat.completions.create(**kw)  # seeded n=2: the same two answers again
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
 
 
 def test_chat_stream(client, live_stack):
-    stream = client.chat.completions.create(model=live_stack.model, messages=[{"role": "user", "content": "Count to five."}],
-                                            max_tokens=12, temperature=0, stream=True)
-    chunks = list(stream)
+    kw = dict(model=live_stack.model, messages=[{"role": "user", "content": "Count to five."}], max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    full = client.chat.completions.create(**kw)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert len(full.choices[0].message.content) > 5
 
 
-async def test_async_client(aclient, live_stack):
-    r = await aclient.chat.completions.create(model=live_stack.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
-    assert r.choices[0].message.content is not None
-    stream = await aclient.completions.create(model=live_stack.model, prompt="Hi", max_tokens=4, stream=True)
-    texts = [c.choices[0].text async for c in stream if c.choices]
-    assert len(texts) >= 1
+async def test_async_client(aclient, client, live_stack):
+    import asyncio
+
+    kw = dict(model=live_stack.model, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=12,
+              temperature=0)
+    answers = await asyncio.gather(*(aclient.chat.completions.create(**kw) for _ in range(4)))
+    texts = [a.choices[0].message.content for a in answers]
+    assert len(texts[0]) > 5 and texts == [texts[0]] * 4  # four at once, greedy: four equal answers
+    assert client.chat.completions.create(**kw).choices[0].message.content == texts[0]
+    stream = await aclient.completions.create(model=live_stack.model, prompt="Hi", max_tokens=8, temperature=0, stream=True)
+    streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+    full = await aclient.completions.create(model=live_stack.model, prompt="Hi", max_tokens=8, temperature=0)
+    assert streamed == full.choices[0].text
+    assert full.usage.completion_tokens == 8 or full.choices[0].finish_reason == "stop"
 
 
 def test_errors_raise_the_right_exception_classes(client, live_stack):

@@ -45,7 +45,11 @@ def fake_generate(request: httpx.Request) -> httpx.Response:
             lines.append(ErrorEvent(id=r.id, message="This model's maximum context length is 128 tokens.",
                                     code="context_length_exceeded", param="prompt"))
             continue
-        lines.append(PromptEvent(id=r.id, prompt_tokens=3, text=r.prompt if r.echo_prompt else None,
+        if r.prompt == "busy":
+            lines.append(ErrorEvent(id=r.id, message="The model server is at capacity.", code="overloaded"))
+            continue
+        echo = (r.prompt if isinstance(r.prompt, str) else "<tokens>") if r.echo_prompt else None
+        lines.append(PromptEvent(id=r.id, prompt_tokens=3, text=echo,
                                  logprobs=[lp("<p>", None)] if r.prompt_logprobs else None))
         for i in range(r.n):
             for word in ("Hello", " world"):
@@ -61,7 +65,7 @@ async def api():
     with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
         mock.get("/info").respond(200, content=INFO.model_dump_json())
         mock.get("/health").respond(200, json={"status": "ok"})
-        mock.post("/generate").mock(side_effect=fake_generate)
+        mock.post("/generate", name="generate").mock(side_effect=fake_generate)
         mock.post("/cancel").respond(200, json={"cancelled": []})
         app = create_app(AppSettings(backend_url=BACKEND, max_wait_ms=0), BackendClient(BACKEND))
         async with app.router.lifespan_context(app):
@@ -69,6 +73,11 @@ async def api():
             async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
                 client.mock = mock
                 yield client
+
+
+def sent_requests(api) -> list:
+    """The generation requests of the last batch the API layer sent to the model server."""
+    return GenerateBatch.model_validate_json(api.mock.routes["generate"].calls.last.request.content).requests
 
 
 def sse_events(body: str) -> list[str]:
@@ -116,7 +125,7 @@ async def test_chat_shape_and_logprobs(api):
     assert c.choices[0].message.content == "Hello world" and c.choices[0].message.role == "assistant"
     assert [t.token for t in c.choices[0].logprobs.content] == ["Hello", " world"]
     assert len(c.choices[0].logprobs.content[0].top_logprobs) == 2
-    sent = GenerateBatch.model_validate_json(api.mock.routes[2].calls.last.request.content).requests[0]
+    sent = sent_requests(api)[0]
     assert sent.max_tokens == 2 and sent.logprobs == 2 and sent.messages[0].content == "hi"
 
 
@@ -221,3 +230,97 @@ async def test_api_key_is_enforced_when_set():
                 assert_error(await c.get("/v1/models"), 401, "invalid_api_key")
                 ok = await c.get("/v1/models", headers={"Authorization": "Bearer sekret"})
                 assert ok.status_code == 200
+
+
+async def test_completion_fields_reach_the_model_server_mapped(api):
+    r = await api.post("/v1/completions", json={
+        "model": MODEL, "prompt": "Say", "stop": "END", "seed": 42, "presence_penalty": 0.5,
+        "frequency_penalty": -0.25, "logit_bias": {"15": -50, "7": 3.5}, "echo": True, "logprobs": 2,
+        "top_p": 0.9, "n": 2, "max_tokens": 9, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert sent.prompt == "Say" and sent.messages is None
+    assert sent.stop == ["END"]  # a string becomes a one-element list
+    assert sent.seed == 42 and sent.n == 2 and sent.max_tokens == 9 and sent.top_p == 0.9
+    assert sent.presence_penalty == 0.5 and sent.frequency_penalty == -0.25
+    assert sent.logit_bias == {15: -50.0, 7: 3.5}  # string keys become token ids
+    assert sent.temperature == 1.0  # OpenAI's default when the field is absent
+    assert sent.echo_prompt and sent.prompt_logprobs and sent.logprobs == 2  # echo + logprobs: prompt logprobs
+    assert sent.ignore_eos
+
+
+async def test_completion_defaults_and_nulls_reach_the_model_server_as_openai_defaults(api):
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "temperature": None,
+                                                "top_p": None, "stop": ["a", ""], "echo": True})
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert sent.prompt == [1, 2, 3] and sent.temperature == 1.0 and sent.top_p == 1.0
+    assert sent.max_tokens == 16  # OpenAI's completions default
+    assert sent.stop == ["a"] and sent.seed is None and sent.logit_bias == {}
+    assert sent.echo_prompt and not sent.prompt_logprobs and sent.logprobs is None  # echo alone: text only
+
+
+async def test_chat_fields_reach_the_model_server_mapped(api):
+    r = await api.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "max_tokens": 20, "max_completion_tokens": 7, "temperature": 0, "stop": ["\n\n", "User:"], "seed": 3,
+        "logit_bias": {"100": 100}})
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert sent.max_tokens == 7  # max_completion_tokens wins over the deprecated max_tokens
+    assert [(m.role, m.content) for m in sent.messages] == [("system", "Be brief."), ("user", "hi")]
+    assert sent.temperature == 0.0 and sent.stop == ["\n\n", "User:"] and sent.seed == 3
+    assert sent.logit_bias == {100: 100.0} and sent.logprobs is None and not sent.echo_prompt
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                     "max_tokens": 20})
+    [sent] = sent_requests(api)
+    assert sent.max_tokens == 20 and sent.temperature == 1.0 and sent.stop == []
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    assert sent_requests(api)[0].max_tokens is None  # chat without a limit: up to the context
+
+
+def assert_429(r: httpx.Response):
+    assert_error(r, 429, "queue_full")
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert r.headers["retry-after"] == "1"
+
+
+async def test_a_full_queue_is_429_with_retry_after_over_http():
+    """One request holds the only admission slot (its stream stays open); the next gets a 429,
+    streaming or not, and once the first finishes a request is admitted again."""
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def held_stream(rid: str):
+        yield (PromptEvent(id=rid, prompt_tokens=1).model_dump_json() + "\n").encode()
+        await release.wait()
+        yield (DoneEvent(id=rid, index=0, finish_reason="length", completion_tokens=0).model_dump_json() + "\n").encode()
+
+    def generate(request: httpx.Request) -> httpx.Response:
+        rid = GenerateBatch.model_validate_json(request.content).requests[0].id
+        return httpx.Response(200, content=held_stream(rid), headers={"content-type": "application/x-ndjson"})
+
+    with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
+        mock.get("/info").respond(200, content=INFO.model_dump_json())
+        mock.post("/generate").mock(side_effect=generate)
+        mock.post("/cancel").respond(200, json={"cancelled": []})
+        app = create_app(AppSettings(backend_url=BACKEND, max_wait_ms=0, max_queue=1), BackendClient(BACKEND))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as c:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+                first = asyncio.create_task(c.post("/v1/completions", json=body))
+                await asyncio.sleep(0.2)
+                assert not first.done()  # admitted, held by the model server
+                assert_429(await c.post("/v1/completions", json=body))
+                assert_429(await c.post("/v1/completions", json=body | {"stream": True}))
+                # Two prompts in one call are two requests: more than the queue holds even when idle.
+                release.set()
+                assert (await first).status_code == 200
+                assert_429(await c.post("/v1/completions", json=body | {"prompt": ["a", "b"]}))
+                assert (await c.post("/v1/completions", json=body)).status_code == 200
+
+
+async def test_an_overloaded_model_server_becomes_429(api):
+    assert_429(await api.post("/v1/completions", json={"model": MODEL, "prompt": "busy"}))
+    assert_429(await api.post("/v1/completions", json={"model": MODEL, "prompt": "busy", "stream": True}))

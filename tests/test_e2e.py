@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
+import pytest
 
 
 def post(stack, path, body, **kw):
@@ -41,6 +43,60 @@ def test_context_overflow_is_400(live_stack):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_context_overflow_on_a_stream_is_a_400_before_any_byte(live_stack):
+    for path, body in (("/v1/completions", {"prompt": "word " * 1500}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1500}]})):
+        body = {"model": live_stack.model, "max_tokens": 5, "stream": True} | body
+        with httpx.stream("POST", f"{live_stack.base_url}{path}", json=body, timeout=120) as r:
+            raw = r.read().decode()
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), raw
+        assert "data:" not in raw
+        err = json.loads(raw)["error"]
+        assert err["code"] == "context_length_exceeded" and err["type"] == "invalid_request_error" and "1024" in err["message"]
+
+
+def test_stop_strings_through_the_api_and_sse(live_stack):
+    """A stop string that spans tokens cuts the text where it begins, in completions and chat,
+    streamed and not; nothing of it is sent (the live stack speculates with the shipped heads)."""
+    base = {"model": live_stack.model, "max_tokens": 30, "temperature": 0}
+    free = post(live_stack, "/v1/completions", base | {"prompt": "The capital of France is"}).json()["choices"][0]["text"]
+    assert " France." in free
+    cut = free[: free.index("ce. ")]
+    for stream in (False, True):
+        body = base | {"prompt": "The capital of France is", "stop": "ce. ", "stream": stream}
+        text, finish, raw = _completion_text(live_stack, body)
+        assert (text, finish) == (cut, "stop") and "ce. " not in raw
+    chat = {"messages": [{"role": "user", "content": "Count from one to ten in words."}]}
+    free_chat = post(live_stack, "/v1/chat/completions", base | chat).json()["choices"][0]["message"]["content"]
+    stop = free_chat[len(free_chat) // 2: len(free_chat) // 2 + 4]
+    assert len(stop) == 4 and stop in free_chat
+    for stream in (False, True):
+        body = base | chat | {"stop": [stop, "never appears"], "stream": stream}
+        text, finish, raw = _chat_text(live_stack, body)
+        assert (text, finish) == (free_chat[: free_chat.index(stop)], "stop") and stop not in raw
+
+
+def _completion_text(stack, body) -> tuple[str, str, str]:
+    r = post(stack, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        choice = r.json()["choices"][0]
+        return choice["text"], choice["finish_reason"], r.text
+    chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+    return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"], r.text
+
+
+def _chat_text(stack, body) -> tuple[str, str, str]:
+    r = post(stack, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"], r.text
+    chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    return text, chunks[-1]["choices"][0]["finish_reason"], r.text
+
+
 def test_concurrent_requests_do_not_corrupt_each_other(live_stack):
     prompts = ["1, 2, 3,", "The sky is", "def add(a, b):", "Paris is", "Hello, my name is", "Roses are red,"]
 
@@ -58,37 +114,71 @@ def test_concurrent_requests_do_not_corrupt_each_other(live_stack):
     assert alone == list(together)
 
 
+def _stats(stack) -> dict:
+    return httpx.get(f"{stack.backend_url}/stats").json()
+
+
+def _generation_stops(stack, since: float, quiet_s: float = 1.0, timeout_s: float = 10.0) -> tuple[int, float]:
+    """Poll the model server's generated-token count until it has not moved for `quiet_s`; return
+    the count and how long after `since` it last moved."""
+    last, changed = _stats(stack)["tokens_generated"], time.monotonic()
+    while time.monotonic() - changed < quiet_s:
+        assert time.monotonic() - since < timeout_s, "the model server still generates for the abandoned request"
+        time.sleep(0.05)
+        now = _stats(stack)["tokens_generated"]
+        if now != last:
+            last, changed = now, time.monotonic()
+    return last, changed - since
+
+
+# ignore_eos: the request can only end by the client leaving (or at max_tokens, far away).
+LONG_GENERATION = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}
+
+
 def test_client_disconnect_cancels_generation(live_stack):
-    body = {"model": live_stack.model, "prompt": "Once upon a time", "max_tokens": 800, "stream": True}
+    body = {"model": live_stack.model, "stream": True} | LONG_GENERATION
+    before = _stats(live_stack)["tokens_generated"]
     with httpx.stream("POST", f"{live_stack.base_url}/v1/completions", json=body, timeout=120) as r:
+        seen = 0
         for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # got a token: hang up
-    # The model server frees the sequence: soon it has no request in flight.
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _active(live_stack) == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the model server still runs the abandoned request")
-
-
-def _active(stack) -> int:
-    return httpx.get(f"{stack.backend_url}/stats").json()["active_requests"]
+            seen += line.startswith("data: {")
+            if seen == 5:
+                break  # a few tokens in: hang up
+    left = time.monotonic()
+    total, moved_after = _generation_stops(live_stack, left)
+    assert moved_after < 1.0  # generation stopped within about a second of the disconnect
+    assert total - before < 150  # far below the 900 tokens asked for
+    assert _stats(live_stack)["active_requests"] == 0
 
 
 def test_non_streaming_client_disconnect_cancels_generation(live_stack):
-    import time
+    body = {"model": live_stack.model} | LONG_GENERATION
+    before = _stats(live_stack)["tokens_generated"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_stack.base_url}/v1/completions", json=body, timeout=1.5)  # hangs up while it generates
+    left = time.monotonic()
+    assert _stats(live_stack)["tokens_generated"] > before  # it was generating
+    total, moved_after = _generation_stops(live_stack, left)
+    assert moved_after < 1.5  # the API layer polls for a disconnect every 0.5 s
+    assert total - before < 250
+    assert _stats(live_stack)["active_requests"] == 0
 
-    body = {"model": live_stack.model, "prompt": "Once upon a time", "max_tokens": 900}
-    try:
-        httpx.post(f"{live_stack.base_url}/v1/completions", json=body, timeout=1.0)
-    except httpx.ReadTimeout:
-        pass  # we hung up while it was generating
-    assert _active(live_stack) == 1
-    deadline = time.monotonic() + 10
-    while _active(live_stack) != 0:
-        assert time.monotonic() < deadline, "the model server still runs the abandoned request"
-        time.sleep(0.2)
+
+def test_closing_generate_cancels_the_whole_batch(live_stack):
+    """The internal protocol: hanging up on /generate stops every request of the batch."""
+    batch = {"requests": [{"id": f"close-{i}", "prompt": p, "max_tokens": 900, "ignore_eos": True}
+                          for i, p in enumerate(("Once upon a time", "The sky is", "def add(a, b):"))]}
+    before = _stats(live_stack)["tokens_generated"]
+    with httpx.stream("POST", f"{live_stack.backend_url}/generate", json=batch, timeout=120) as r:
+        started = set()
+        for line in r.iter_lines():
+            event = json.loads(line)
+            if event["type"] == "delta":
+                started.add(event["id"])
+            if len(started) == 3:
+                assert _stats(live_stack)["active_requests"] == 3
+                break  # all three are generating: hang up (leaving the loop closes the stream)
+    left = time.monotonic()
+    total, moved_after = _generation_stops(live_stack, left)
+    assert moved_after < 1.0 and total - before < 300
+    assert _stats(live_stack)["active_requests"] == 0

@@ -1,5 +1,7 @@
 """Medusa in the engine on the real default model: output identical to plain decoding, alone and
-concurrent, greedy and seeded sampling; figures reported; bad heads refused.
+concurrent, greedy and seeded sampling, with n > 1, logprobs, stop strings and EOS inside a draft,
+with prompts of several prefill chunks; every such test also shows that speculation ran; figures
+reported; MEDUSA_MAX_STREAMS gating; bad heads and branching trees refused.
 
 The heads are the base model's own output projection over a vocabulary subset (zero ResBlocks), so
 they propose the right token wherever the text repeats: enough accepted drafts to exercise every
@@ -16,6 +18,7 @@ from backend.local import run_requests
 from backend.medusa.init_heads import base_initialised_heads
 from backend.server import ModelService
 from common.protocol import GenerationRequest
+from tests.test_engine import LONG_PROMPTS
 
 PROMPTS = [
     "1 1 1 1 1 1 1 1",
@@ -28,16 +31,21 @@ PROMPTS = [
     "Water boils at",
     "la la la la la la la",
     "Here is a list of fruits: apple, banana,",
+    LONG_PROMPTS[1],  # three prefill chunks, prefilled while others decode and speculate
 ]
-LENGTHS = [40, 33, 16, 48, 64, 25, 12, 20, 57, 30]
+LENGTHS = [40, 33, 16, 48, 64, 25, 12, 20, 57, 30, 40]
 _ids = iter(range(10**9))
 
 
-def reqs(count: int = len(PROMPTS), **kw) -> list[GenerationRequest]:
+def reqs(count: int = len(PROMPTS), which: list[int] | None = None, **kw) -> list[GenerationRequest]:
     kw.setdefault("temperature", 0.0)
-    return [
-        GenerationRequest(id=f"m{next(_ids)}", prompt=p, max_tokens=n, **kw) for p, n in zip(PROMPTS[:count], LENGTHS)
-    ]
+    chosen = which if which is not None else list(range(count))
+    return [GenerationRequest(id=f"m{next(_ids)}", prompt=PROMPTS[i], max_tokens=LENGTHS[i], **kw) for i in chosen]
+
+
+def run_one(service, **kw):
+    r = GenerationRequest(id=f"m{next(_ids)}", **kw)
+    return run_requests(service, [r])[r.id]
 
 
 def tokens(service, requests, together: bool) -> list[list[int]]:
@@ -45,6 +53,23 @@ def tokens(service, requests, together: bool) -> list[list[int]]:
         out = run_requests(service, requests)
         return [out[r.id].choices[0].token_ids for r in requests]
     return [run_requests(service, [r])[r.id].choices[0].token_ids for r in requests]
+
+
+class Speculated:
+    """Medusa's counters over a block: `with Speculated(service) as ran: ...; assert ran.tokens_per_step > 1`."""
+
+    def __init__(self, service):
+        self.stats = service.speculator.stats
+
+    def __enter__(self):
+        self.steps0, self.tokens0 = self.stats.steps, self.stats.tokens
+        self.accepted0 = list(self.stats.accepted)
+        return self
+
+    def __exit__(self, *exc):
+        self.steps = self.stats.steps - self.steps0
+        self.tokens_per_step = (self.stats.tokens - self.tokens0) / self.steps if self.steps else 0.0
+        self.accepted = [a - b for a, b in zip(self.stats.accepted, self.accepted0)]
 
 
 @pytest.fixture(scope="module")
@@ -71,35 +96,138 @@ def medusa_service(model_service, plain_greedy, tmp_path_factory):
 
 
 def test_greedy_alone_is_token_for_token_plain_greedy(medusa_service, plain_greedy):
-    before = medusa_service.speculator.stats.steps
-    assert tokens(medusa_service, reqs(), together=False) == plain_greedy
-    st = medusa_service.speculator.stats
-    assert st.steps > before
-    assert st.tokens > st.steps  # drafts were accepted, so the accept path ran
+    with Speculated(medusa_service) as ran:
+        assert tokens(medusa_service, reqs(), together=False) == plain_greedy
+    assert ran.steps > 50 and ran.tokens_per_step > 1.2  # drafts were accepted, so the accept path ran
 
 
 def test_greedy_concurrent_is_token_for_token_plain_greedy(medusa_service, plain_greedy):
-    assert tokens(medusa_service, reqs(), together=True) == plain_greedy
+    with Speculated(medusa_service) as ran:
+        assert tokens(medusa_service, reqs(), together=True) == plain_greedy
+    assert ran.steps > 50 and ran.tokens_per_step > 1.2
 
 
 def test_seeded_sampling_is_lossless_and_reproducible(model_service, medusa_service):
-    kw = dict(count=4, temperature=0.8, top_p=0.95, seed=4321, presence_penalty=0.3)
+    # Repetitive prompts, where sampled tokens often match the drafts, and two that are not.
+    kw = dict(which=[1, 8, 3, 10], temperature=0.5, top_p=0.95, seed=4321, presence_penalty=0.1)
     plain = tokens(model_service, reqs(**kw), together=False)
-    spec = tokens(medusa_service, reqs(**kw), together=False)
+    with Speculated(medusa_service) as alone:
+        spec = tokens(medusa_service, reqs(**kw), together=False)
     assert spec == plain  # same target distribution, same random draws: the same tokens
-    assert tokens(medusa_service, reqs(**kw), together=True) == plain
+    with Speculated(medusa_service) as together:
+        assert tokens(medusa_service, reqs(**kw), together=True) == plain
+    assert alone.steps > 20 and alone.tokens_per_step > 1.1
+    assert together.steps > 20 and together.tokens_per_step > 1.1
+
+
+def test_n_choices_and_logprobs_are_those_of_plain_decoding(model_service, medusa_service):
+    def run(service, **kw):
+        r = GenerationRequest(id=f"m{next(_ids)}", prompt=PROMPTS[1], max_tokens=30, logprobs=2, **kw)
+        out = run_requests(service, [r])[r.id]
+        return [(c.token_ids, [(e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in c.logprobs])
+                for c in (out.choices[i] for i in range(r.n))]
+
+    for kw in (dict(n=2, temperature=0.0), dict(n=3, temperature=0.5, seed=12)):
+        with Speculated(medusa_service) as ran:
+            spec = run(medusa_service, **kw)
+        assert spec == run(model_service, **kw)  # tokens, and the very logprob numbers
+        assert ran.steps > 10 and ran.tokens_per_step > 1.2, kw
+    assert spec[0] != spec[1]  # seeded choices differ from each other
+
+
+def test_stop_strings_and_eos_inside_a_draft(model_service, medusa_service, tmp_path):
+    # Stop strings: "ha ha ha ..." stops where twelve of them first stand together, inside a step
+    # that accepted drafts; nothing of the stop string is emitted.
+    stop_kw = dict(prompt=PROMPTS[1], max_tokens=33, temperature=0.0, stop=["ha ha ha ha ha ha ha ha ha ha ha ha"])
+    with Speculated(medusa_service) as ran:
+        stopped = run_one(medusa_service, **stop_kw).choices[0]
+    plain = run_one(model_service, **stop_kw).choices[0]
+    assert stopped.finish_reason == plain.finish_reason == "stop" and stopped.text == plain.text
+    assert "ha" not in stopped.text and len(stopped.token_ids) == 12 and ran.steps >= 3 and ran.tokens_per_step > 1.2
+
+    # EOS: heads 1 and 2 always propose EOS (a ResBlock bias of 1e4 on one unit, read by the EOS
+    # row alone), head 0 is the base's own projection; a bias of +3 on EOS makes the model end
+    # "ha ha ha ha ha" after 19 tokens, where the draft [" ha", EOS, EOS] holds it at depth 1.
+    from backend.medusa.heads import Head, MedusaHeads
+    from backend.medusa.init_heads import base_initialised_heads
+
+    m = model_service.model
+    base = base_initialised_heads(m.path, 1, np.array(sorted(set(range(2048)) | {m.eos})))
+    index_of_eos = int(np.searchsorted(base.token_map, m.eos))
+    bias = np.zeros(m.n_embd, np.float32)
+    bias[0] = 1e4
+    eos_proj = np.zeros_like(base.heads[0].proj)
+    eos_proj[index_of_eos, 0] = 1.0
+    eos_head = Head([(np.zeros((m.n_embd, m.n_embd), np.float32), bias)], eos_proj)
+    MedusaHeads([base.heads[0], eos_head, eos_head], token_map=base.token_map).save(tmp_path / "eos.safetensors")
+    service = ModelService(BackendSettings(model=str(m.path), ctx_size=256, n_parallel=2, threads=2,
+                                           medusa_heads=str(tmp_path / "eos.safetensors"),
+                                           medusa_tree="[[0], [0, 0], [0, 0, 0]]"))
+    service.load()
+    try:
+        for ignore_eos in (False, True):
+            kw = dict(prompt="ha ha ha ha ha", max_tokens=30, temperature=0.0, logit_bias={m.eos: 3.0},
+                      ignore_eos=ignore_eos)
+            with Speculated(service) as ran:
+                got = run_one(service, **kw).choices[0]
+            want = run_one(model_service, **kw).choices[0]
+            assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+            assert ran.accepted[1] >= 1  # a draft's EOS accepted at depth 1
+            if ignore_eos:
+                assert m.eos in got.token_ids and len(got.token_ids) == 30  # passed through, generation went on
+            else:
+                assert got.finish_reason == "stop" and len(got.token_ids) < 30 and m.eos not in got.token_ids
+    finally:
+        service.engine.shutdown()
 
 
 def test_typical_acceptance_is_opt_in_and_seed_reproducible(medusa_service):
     spec = medusa_service.speculator
+    assert not spec.typical and medusa_service.medusa_report().acceptance == "lossless"  # off unless asked for
+    kw = dict(count=3, temperature=0.7, seed=99)
+    taken = spec.stats.typical_accepted
+    lossless = tokens(medusa_service, reqs(**kw), together=False)
+    assert spec.stats.typical_accepted == taken
     spec.typical = True
     try:
-        kw = dict(count=3, temperature=0.7, seed=99)
         a = tokens(medusa_service, reqs(**kw), together=False)
+        assert spec.stats.typical_accepted > taken  # it took draft tokens without sampling them
         b = tokens(medusa_service, reqs(**kw), together=False)
     finally:
         spec.typical = False
     assert a == b and all(len(x) == n for x, n in zip(a, LENGTHS))
+    assert a != lossless  # not lossless: the draws fall elsewhere
+
+
+def test_max_streams_gates_speculation(medusa_service):
+    """MEDUSA_MAX_STREAMS: speculate only while at most that many sequences decode."""
+    spec = medusa_service.speculator
+    same = [GenerationRequest(id=f"m{next(_ids)}", prompt=PROMPTS[1], max_tokens=40, temperature=0.0) for _ in range(3)]
+    with Speculated(medusa_service) as open_gate:
+        wide = run_requests(medusa_service, same)
+    spec.max_streams = 1
+    try:
+        again = [r.model_copy(update={"id": f"m{next(_ids)}"}) for r in same]
+        with Speculated(medusa_service) as gated:
+            narrow = run_requests(medusa_service, again)
+        alone = run_requests(medusa_service, [r := same[0].model_copy(update={"id": f"m{next(_ids)}"})])[r.id]
+    finally:
+        spec.max_streams = 8
+    assert [wide[r.id].choices[0].token_ids for r in same] == [narrow[r.id].choices[0].token_ids for r in again]
+    assert open_gate.steps >= 3 * 10  # three streams, each speculating
+    # Gated: only the steps in which one stream decodes alone (while the others prefill or after
+    # they finished) speculate.
+    assert gated.steps <= 6
+    assert alone.choices[0].token_ids == wide[same[0].id].choices[0].token_ids
+
+
+def test_a_branching_tree_is_refused_at_load_with_its_reason(model_service, medusa_service):
+    service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=256, n_parallel=1,
+                                           medusa_heads=medusa_service.settings.medusa_heads,
+                                           medusa_tree="[[0], [1], [0, 0]]"))
+    service.load()
+    assert service.health().status == "error"
+    assert "one path per sequence" in service.error and "unified KV cache" in service.error
 
 
 def test_typical_acceptance_never_bypasses_the_sampler_chain(model_service, tmp_path):

@@ -154,13 +154,29 @@ def test_expected_tokens_follow_conditional_acceptance():
 def test_plan_picks_the_fastest_length_or_stays_off():
     cost = {1: 18.0, 2: 20.0, 3: 23.0, 4: 28.0}
     batch = {1: 18.0, 2: 20.0, 3: 23.0, 4: 27.0}
+    # By hand: E(1) = 1.6, E(2) = 1.6 + 0.6*0.5 = 1.9, E(3) = 1.9 + 0.6*0.5*0.4 = 2.02 tokens a step;
+    # per ms: 1.6/20 = 0.0800, 1.9/23 = 0.0826, 2.02/28 = 0.0721, plain 1/18 = 0.0556: length 2 wins,
+    # 1.9/23 * 18 = 1.487x. Two streams plainly batched give 2/20 = 0.1 > 0.0826: speculate alone only.
     good = plan([0.6, 0.5, 0.4], cost, batch)
-    assert good["enabled"] and good["choices"] in ([[0]], [[0], [0, 0]], [[0], [0, 0], [0, 0, 0]])
-    rates = {n: expected_tokens([0.6, 0.5, 0.4], n) / cost[n + 1] for n in (1, 2, 3)}
-    assert len(good["choices"]) == max(rates, key=rates.get)
-    assert good["max_streams"] == 1  # each speculating stream verifies alone: two streams gain more from batching
+    assert good == {
+        "acceptance": [0.6, 0.5, 0.4],
+        "cost_ms": {"1": 18.0, "2": 20.0, "3": 23.0, "4": 28.0},
+        "batch_cost_ms": {"1": 18.0, "2": 20.0, "3": 23.0, "4": 27.0},
+        "enabled": True,
+        "choices": [[0], [0, 0]],
+        "max_streams": 1,
+        "expected_tokens_per_step": 1.9,
+        "expected_speedup_one_stream": 1.487,
+    }
+    # Cheaper batches of two: 2/30 = 0.0667 < 0.0826, so speculation pays up to two streams, not three (3/31).
+    assert plan([0.6, 0.5, 0.4], cost, {1: 18.0, 2: 30.0, 3: 31.0})["max_streams"] == 2
+    # High acceptance makes the longest draft best: E(3) = 1 + .9 + .81 + .729 = 3.439, 3.439/28 > 2.71/23.
+    assert plan([0.9, 0.9, 0.9], cost, batch)["choices"] == [[0], [0, 0], [0, 0, 0]]
     bad = plan([0.02, 0.0, 0.0], cost, batch)
-    assert not bad["enabled"] and "no draft beats plain decoding" in bad["reason"]
+    # Best is length 1: 1.02/20 = 51.0 tok/s against 1/18 = 55.6.
+    assert bad["enabled"] is False and bad["choices"] == []
+    assert bad["reason"] == ("no draft beats plain decoding: best is length 1 at 51.0 tok/s against 55.6 "
+                             "(acceptance [0.02, 0.0, 0.0])")
 
 
 def test_online_tuning_switches_off_a_draft_that_does_not_pay_and_keeps_one_that_does():

@@ -67,6 +67,28 @@ def make_hf_llama(out: Path, seed: int = 0) -> Path:
     return out
 
 
+HF_LOGITS = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+ids = torch.tensor([json.loads(sys.argv[2])])
+with torch.no_grad():
+    print(json.dumps(model(ids).logits[0].tolist()))
+"""
+
+
+def hf_logits(python: str, hf_dir: Path, ids: list[int]) -> np.ndarray:
+    """Logits [len(ids), vocab] of the checkpoint run by Hugging Face transformers itself (in the
+    converter's environment, which has it)."""
+    import subprocess
+
+    done = subprocess.run([python, "-c", HF_LOGITS, str(hf_dir), json.dumps(ids)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def make_fd_heads(out: Path, vocab: int, n_heads: int = 3, seed: int = 1) -> Path:
     """medusa_lm_head.pt with FasterDecoding's keys, fp16 like the published file."""
     import torch
@@ -76,7 +98,7 @@ def make_fd_heads(out: Path, vocab: int, n_heads: int = 3, seed: int = 1) -> Pat
     sd = {}
     for h in range(n_heads):
         sd[f"{h}.0.linear.weight"] = (torch.randn(HIDDEN, HIDDEN, generator=g) * 0.05).half()
-        sd[f"{h}.0.linear.bias"] = torch.zeros(HIDDEN).half()
+        sd[f"{h}.0.linear.bias"] = (torch.randn(HIDDEN, generator=g) * 0.05).half()
         sd[f"{h}.1.weight"] = (torch.randn(vocab, HIDDEN, generator=g) * 0.05).half()
     torch.save(sd, out / "medusa_lm_head.pt")
     # The published config undercounts its heads; the loader must count keys instead.

@@ -26,12 +26,14 @@ class MedusaStats:
     tokens: int = 0  # tokens those decodes emitted (accepted + 1 each)
     proposed: list[int] = field(default_factory=list)  # per depth: drafts judged there
     accepted: list[int] = field(default_factory=list)  # per depth: accepted there
+    typical_accepted: int = 0  # draft tokens taken by typical acceptance instead of sampling
 
     def as_dict(self) -> dict:
         return {
             "speculative_steps": self.steps,
             "mean_tokens_per_step": round(self.tokens / self.steps, 4) if self.steps else None,
             "per_head_acceptance": [round(a / p, 4) if p else None for a, p in zip(self.accepted, self.proposed)],
+            "typical_accepted": self.typical_accepted,
         }
 
 

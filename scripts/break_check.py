@@ -1,0 +1,197 @@
+"""Break the code on purpose and check that the tests named for each behaviour fail.
+
+    .venv/bin/python scripts/break_check.py              # every mutation (about 20 minutes on 2 cores)
+    .venv/bin/python scripts/break_check.py penalties    # those whose name contains a word
+
+Each mutation replaces one snippet of the source with a broken version in a scratch copy of the
+tree (the working tree is never touched), runs the tests that guard the behaviour, and reports
+whether they failed, as they must. A mutation whose snippet is no longer in the source is reported
+as stale: update it with the code it guards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation("penalties ignored", "backend/sampling.py",
+             "        if params.presence_penalty or params.frequency_penalty:\n",
+             "        if False:\n",
+             ("tests/test_engine.py::test_penalties_and_logit_bias_change_the_output",)),
+    Mutation("penalties count the prompt", "backend/engine.py",
+             "            self._running.append(act)\n",
+             "            for s in act.seqs:\n                for t in act.prep.tokens:\n                    s.sampler.accept(t)\n"
+             "            self._running.append(act)\n",
+             ("tests/test_engine.py::test_penalties_count_generated_tokens_only",)),
+    Mutation("top-p before temperature", "backend/sampling.py",
+             "            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))\n"
+             "            if params.top_p < 1.0:\n"
+             "                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))\n",
+             "            if params.top_p < 1.0:\n"
+             "                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))\n"
+             "            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))\n",
+             ("tests/test_engine.py::test_temperature_is_applied_before_top_p",)),
+    Mutation("UTF-8 split across deltas", "backend/text_stream.py",
+             '        self._held += self._decoder.decode(piece)\n',
+             '        self._held += piece.decode("utf-8", "replace")\n',
+             ("tests/test_engine.py::test_utf8_is_never_broken_in_a_stream",)),
+    Mutation("n choices prefilled n times", "backend/engine.py",
+             "            if seq.seq_id != main:\n                self.model.seq_cp(main, seq.seq_id)\n",
+             "            if seq.seq_id != main:\n                self.model.seq_cp(main, seq.seq_id)\n"
+             "                self.stats.prompt_tokens += n_prompt\n",
+             ("tests/test_engine.py::test_n_choices_share_the_prompt_and_differ",)),
+    Mutation("choice seeds not seed + i", "backend/engine.py",
+             "sampler=Sampler(params, self.model.n_vocab, seed_offset=i)",
+             "sampler=Sampler(params, self.model.n_vocab, seed_offset=2 * i)",
+             ("tests/test_engine.py::test_n_choices_share_the_prompt_and_differ",)),
+    Mutation("logprobs after temperature", "backend/engine.py",
+             "            lp = [self._token_logprob(logits, token, act.prep.req.logprobs)]\n",
+             "            lp = [self._token_logprob(logits / max(act.prep.sampling.temperature, 1e-3), token, act.prep.req.logprobs)]\n",
+             ("tests/test_engine.py::test_logprobs_match_a_direct_softmax",)),
+    Mutation("prompt logprobs off by one", "backend/engine.py",
+             "self._token_logprob(self.model.logits(j - start), tokens[j + 1], top_n)",
+             "self._token_logprob(self.model.logits(j - start), tokens[j], top_n)",
+             ("tests/test_engine.py::test_prompt_logprobs_for_echo",)),
+    Mutation("chat template drops the system message", "backend/chat_template.py",
+             "{% set ns.sys = ns.sys + m.content + '\\n\\n' %}", "{% set ns.sys = '' %}",
+             ("tests/test_engine.py::test_chat_messages_use_the_template",)),
+    Mutation("no companion rows", "backend/decode_plan.py",
+             "        if not in_run and needs_companion(pos, n_cells):\n",
+             "        if False:\n",
+             ("tests/test_engine.py::test_long_prompts_prefilled_while_others_decode_match_alone",
+              "tests/test_engine.py::test_generation_to_the_context_end_matches_alone",
+              "tests/test_medusa_engine.py::test_greedy_alone_is_token_for_token_plain_greedy")),
+    Mutation("one unified KV cache", "backend/llama_model.py",
+             "        cparams.kv_unified = False\n",
+             "        cparams.kv_unified = True\n",
+             ("tests/test_engine.py::test_long_prompts_prefilled_while_others_decode_match_alone",)),
+    Mutation("Medusa accepts a draft token without checking", "backend/engine.py",
+             "            matched = row < len(draft) and token == draft[row]\n",
+             "            matched = row < len(draft)\n",
+             ("tests/test_medusa_engine.py::test_greedy_alone_is_token_for_token_plain_greedy",)),
+    Mutation("Medusa never speculates", "backend/medusa/speculator.py",
+             "        return bool(self.ranks) and n_streams <= self.max_streams\n",
+             "        return False\n",
+             ("tests/test_medusa_engine.py::test_greedy_concurrent_is_token_for_token_plain_greedy",
+              "tests/test_medusa_engine.py::test_seeded_sampling_is_lossless_and_reproducible")),
+    Mutation("MEDUSA_MAX_STREAMS ignored", "backend/medusa/speculator.py",
+             "        return bool(self.ranks) and n_streams <= self.max_streams\n",
+             "        return bool(self.ranks)\n",
+             ("tests/test_medusa_engine.py::test_max_streams_gates_speculation",)),
+    Mutation("typical acceptance never takes a draft", "backend/engine.py",
+             "                    forced = draft[row]\n",
+             "                    forced = None\n",
+             ("tests/test_medusa_engine.py::test_typical_acceptance_is_opt_in_and_seed_reproducible",)),
+    Mutation("stop string emitted", "backend/text_stream.py",
+             "            out, self._held = self._held[:cut], \"\"\n",
+             "            out, self._held = self._held, \"\"\n",
+             ("tests/test_e2e.py::test_stop_strings_through_the_api_and_sse",
+              "tests/test_medusa_engine.py::test_stop_strings_and_eos_inside_a_draft")),
+    Mutation("disconnect does not cancel", "app/generation.py",
+             "        if live:\n            self.batcher.cancel(live)\n",
+             "        pass\n",
+             ("tests/test_e2e.py::test_client_disconnect_cancels_generation",
+              "tests/test_e2e.py::test_non_streaming_client_disconnect_cancels_generation")),
+    Mutation("closing /generate does not cancel", "backend/server.py",
+             "        if remaining:\n            service.engine.cancel(list(remaining))\n",
+             "        if False:\n            service.engine.cancel(list(remaining))\n",
+             ("tests/test_e2e.py::test_closing_generate_cancels_the_whole_batch",)),
+    Mutation("stream errors sent after the first byte", "app/main.py",
+             "        await until_disconnect(request, gen.start())\n        if not stream:\n",
+             "        if not stream:\n            await until_disconnect(request, gen.start())\n",
+             ("tests/test_e2e.py::test_context_overflow_on_a_stream_is_a_400_before_any_byte",)),
+    Mutation("stop string not a list", "app/schemas.py",
+             "        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])\n",
+             "        stops = list(self.stop or [])\n",
+             ("tests/test_api_mocked.py::test_completion_fields_reach_the_model_server_mapped",)),
+    Mutation("max_tokens wins over max_completion_tokens", "app/serving_chat.py",
+             "    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens\n",
+             "    max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens\n",
+             ("tests/test_api_mocked.py::test_chat_fields_reach_the_model_server_mapped",)),
+    Mutation("temperature default 0", "app/generation.py",
+             "        temperature=1.0 if req.temperature is None else req.temperature,\n",
+             "        temperature=0.0 if req.temperature is None else req.temperature,\n",
+             ("tests/test_api_mocked.py::test_completion_defaults_and_nulls_reach_the_model_server_as_openai_defaults",)),
+    Mutation("overloaded becomes 500", "app/generation.py",
+             '    "overloaded": TooManyRequests,\n', "",
+             ("tests/test_api_mocked.py::test_an_overloaded_model_server_becomes_429",)),
+    Mutation("no Retry-After", "app/errors.py",
+             '        return {"Retry-After": str(self.retry_after_s)}\n', "        return None\n",
+             ("tests/test_api_mocked.py::test_a_full_queue_is_429_with_retry_after_over_http",)),
+    Mutation("plan ignores the batch cost", "backend/medusa/planning.py",
+             "    max_streams = max(s for s in batch_cost if best_rate > s / batch_cost[s]) if any(",
+             "    max_streams = max(s for s in batch_cost) if any(",
+             ("tests/test_medusa_units.py::test_plan_picks_the_fastest_length_or_stays_off",)),
+    Mutation("hidden states recorded one token late", "backend/medusa/train.py",
+             '        "ids": np.concatenate([np.array(i[: len(h) + 1], dtype=np.int64) for i, h in zip(ids, hidden) if h]),\n',
+             '        "ids": np.concatenate([np.array(i[1: len(h) + 2], dtype=np.int64) for i, h in zip(ids, hidden) if h]),\n',
+             ("tests/test_medusa_train.py::test_train_end_to_end_and_resume",)),
+    Mutation("resume restarts the schedule", "backend/medusa/train.py",
+             '            sched.load_state_dict(state["sched"])\n', "",
+             ("tests/test_medusa_train.py::test_train_end_to_end_and_resume",)),
+    Mutation("heads converted without their ResBlocks", "backend/medusa/heads.py",
+             "            for w, b in head.blocks:\n                z = x @ w.T + b\n",
+             "            for w, b in head.blocks[:0]:\n                z = x @ w.T + b\n",
+             ("tests/test_preset.py::test_the_converted_model_and_heads_compute_what_the_originals_compute",)),
+]
+
+
+def scratch_copy() -> Path:
+    dest = Path(tempfile.mkdtemp(prefix="break-check-"))
+    ignore = shutil.ignore_patterns(".git", ".venv", ".venv-convert", "__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(ROOT, dest / "tree", ignore=ignore)
+    for venv in (".venv", ".venv-convert"):
+        if (ROOT / venv).exists():
+            (dest / "tree" / venv).symlink_to(ROOT / venv)
+    return dest / "tree"
+
+
+def main() -> int:
+    words = sys.argv[1:]
+    chosen = [m for m in MUTATIONS if not words or any(w in m.name for w in words)]
+    tree = scratch_copy()
+    python = str(ROOT / ".venv" / "bin" / "python")
+    bad = 0
+    try:
+        for m in chosen:
+            path = tree / m.path
+            original = path.read_text()
+            if original.count(m.old) != 1:
+                print(f"STALE   {m.name}: snippet not found once in {m.path}")
+                bad += 1
+                continue
+            path.write_text(original.replace(m.old, m.new))
+            t0 = time.monotonic()
+            run = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+                                 cwd=tree, capture_output=True, text=True)
+            path.write_text(original)
+            caught = run.returncode == 1  # tests ran and failed (not a collection or usage error)
+            print(f"{'caught ' if caught else 'MISSED '} {m.name} ({time.monotonic() - t0:.0f} s): "
+                  f"{run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]}", flush=True)
+            bad += not caught
+    finally:
+        shutil.rmtree(tree.parent, ignore_errors=True)
+    print(f"{len(chosen) - bad} of {len(chosen)} mutations caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
