@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,3 +36,10 @@ class BackendSettings(BaseSettings):
     medusa_max_streams: int = Field(0, ge=0, description="speculate while at most this many sequences decode (0: the tuning's, else 1)")
     medusa_acceptance: str = Field("lossless", pattern="^(lossless|typical)$", description="'lossless' or 'typical' (Medusa's, opt-in)")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @model_validator(mode="after")
+    def _batch_holds_a_step(self) -> "BackendSettings":
+        # A decode step holds every sequence's token and, for some, a companion row (decode_plan).
+        if self.batch_size < 2 * self.n_parallel:
+            raise ValueError(f"BATCH_SIZE ({self.batch_size}) must be at least 2 x N_PARALLEL ({self.n_parallel})")
+        return self

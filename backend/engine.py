@@ -263,8 +263,8 @@ class Engine:
         for d, token in enumerate(draft):
             m.batch_add(token, base + 1 + d, seq.seq_id, True)
         if not draft and needs_companion(base, self._cells_for_companions()):
-            # No room left for a draft: a lone row must not take the split-KV path (decode_plan);
-            # the companion's cell goes with the rejected tail below.
+            # No room left for a draft (this is the request's last token): a lone row must not take
+            # the split-KV path (decode_plan). Its cell goes when the request finishes.
             m.batch_add(seq.last_token, base + 1, seq.seq_id, False)
         self._decode()
         p = act.prep.sampling

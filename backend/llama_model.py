@@ -151,6 +151,8 @@ class LlamaModel:
         """Append one token to the batch; returns its index (the output index if `output`)."""
         b = self.batch
         i = b.n_tokens
+        if i >= self.n_batch:  # the ctypes arrays are not bounds-checked: writing past them corrupts memory
+            raise RuntimeError(f"more than BATCH_SIZE={self.n_batch} tokens in one llama_decode")
         b.token[i] = token
         b.pos[i] = pos
         b.n_seq_id[i] = 1

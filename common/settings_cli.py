@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TypeVar
 
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 S = TypeVar("S", bound=BaseSettings)
@@ -24,4 +25,7 @@ def parse_settings(cls: type[S], argv: list[str] | None = None, description: str
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return cls(**given)
+    try:
+        return cls(**given)
+    except ValidationError as e:  # a bad setting: say which, without a traceback (exit status 2)
+        parser.error("; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()))

@@ -1,12 +1,13 @@
 """Break the code on purpose and check that the tests named for each behaviour fail.
 
-    .venv/bin/python scripts/break_check.py              # every mutation (about 20 minutes on 2 cores)
+    .venv/bin/python scripts/break_check.py              # every mutation (about 30 minutes on 2 cores)
     .venv/bin/python scripts/break_check.py penalties    # those whose name contains a word
 
-Each mutation replaces one snippet of the source with a broken version in a scratch copy of the
-tree (the working tree is never touched), runs the tests that guard the behaviour, and reports
-whether they failed, as they must. A mutation whose snippet is no longer in the source is reported
-as stale: update it with the code it guards.
+Each mutation replaces snippets of the source with a broken version in a scratch copy of the tree
+(the working tree is never touched), runs each test that guards the behaviour on its own, and
+reports whether every one of them failed on an assertion, as it must (an error in a fixture or a
+timeout does not count). A mutation whose snippet is no longer in the source is reported as stale:
+update it with the code it guards.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Mutation:
     old: str
     new: str
     tests: tuple[str, ...]
+    more: tuple[tuple[str, str], ...] = ()  # further (old, new) edits of the same file
+
+    def edits(self) -> list[tuple[str, str]]:
+        return [(self.old, self.new), *self.more]
 
 
 MUTATIONS = [
@@ -53,7 +58,7 @@ MUTATIONS = [
              '        self._held += self._decoder.decode(piece)\n',
              '        self._held += piece.decode("utf-8", "replace")\n',
              ("tests/test_engine.py::test_utf8_is_never_broken_in_a_stream",)),
-    Mutation("n choices prefilled n times", "backend/engine.py",
+    Mutation("prefill counted once per choice", "backend/engine.py",
              "            if seq.seq_id != main:\n                self.model.seq_cp(main, seq.seq_id)\n",
              "            if seq.seq_id != main:\n                self.model.seq_cp(main, seq.seq_id)\n"
              "                self.stats.prompt_tokens += n_prompt\n",
@@ -78,7 +83,7 @@ MUTATIONS = [
              "        if False:\n",
              ("tests/test_engine.py::test_long_prompts_prefilled_while_others_decode_match_alone",
               "tests/test_engine.py::test_generation_to_the_context_end_matches_alone",
-              "tests/test_medusa_engine.py::test_greedy_alone_is_token_for_token_plain_greedy")),
+              "tests/test_medusa_engine.py::test_n_choices_and_logprobs_are_those_of_plain_decoding")),
     Mutation("one unified KV cache", "backend/llama_model.py",
              "        cparams.kv_unified = False\n",
              "        cparams.kv_unified = True\n",
@@ -117,7 +122,10 @@ MUTATIONS = [
     Mutation("stream errors sent after the first byte", "app/main.py",
              "        await until_disconnect(request, gen.start())\n        if not stream:\n",
              "        if not stream:\n            await until_disconnect(request, gen.start())\n",
-             ("tests/test_e2e.py::test_context_overflow_on_a_stream_is_a_400_before_any_byte",)),
+             ("tests/test_e2e.py::test_context_overflow_on_a_stream_is_a_400_before_any_byte",),
+             more=(("            async for data in responder.stream():\n",
+                    "            if stream:\n                await gen.start()\n"
+                    "            async for data in responder.stream():\n"),)),
     Mutation("stop string not a list", "app/schemas.py",
              "        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])\n",
              "        stops = list(self.stop or [])\n",
@@ -147,7 +155,7 @@ MUTATIONS = [
     Mutation("resume restarts the schedule", "backend/medusa/train.py",
              '            sched.load_state_dict(state["sched"])\n', "",
              ("tests/test_medusa_train.py::test_train_end_to_end_and_resume",)),
-    Mutation("heads converted without their ResBlocks", "backend/medusa/heads.py",
+    Mutation("heads computed without their ResBlocks", "backend/medusa/heads.py",
              "            for w, b in head.blocks:\n                z = x @ w.T + b\n",
              "            for w, b in head.blocks[:0]:\n                z = x @ w.T + b\n",
              ("tests/test_preset.py::test_the_converted_model_and_heads_compute_what_the_originals_compute",)),
@@ -164,6 +172,28 @@ def scratch_copy() -> Path:
     return dest / "tree"
 
 
+def apply(text: str, edits: list[tuple[str, str]]) -> str | None:
+    """The text with each snippet replaced; None if a snippet does not occur exactly once."""
+    for old, new in edits:
+        if text.count(old) != 1:
+            return None
+        text = text.replace(old, new)
+    return text
+
+
+def run_test(python: str, tree: Path, test: str, timeout_s: float = 600) -> str:
+    """'failed' (an assertion failed), 'passed', or what else happened (error, timeout)."""
+    try:
+        run = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=180", test],
+                             cwd=tree, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    tail = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    if run.returncode == 1 and " failed" in tail and " error" not in tail and "Timeout" not in run.stdout:
+        return "failed"
+    return "passed" if run.returncode == 0 else f"error ({tail or run.stderr[-120:]})"
+
+
 def main() -> int:
     words = sys.argv[1:]
     chosen = [m for m in MUTATIONS if not words or any(w in m.name for w in words)]
@@ -174,18 +204,18 @@ def main() -> int:
         for m in chosen:
             path = tree / m.path
             original = path.read_text()
-            if original.count(m.old) != 1:
-                print(f"STALE   {m.name}: snippet not found once in {m.path}")
+            broken = apply(original, m.edits())
+            if broken is None:
+                print(f"STALE   {m.name}: a snippet is not found once in {m.path}")
                 bad += 1
                 continue
-            path.write_text(original.replace(m.old, m.new))
+            path.write_text(broken)
             t0 = time.monotonic()
-            run = subprocess.run([python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
-                                 cwd=tree, capture_output=True, text=True)
+            outcomes = [run_test(python, tree, test) for test in m.tests]
             path.write_text(original)
-            caught = run.returncode == 1  # tests ran and failed (not a collection or usage error)
+            caught = all(o == "failed" for o in outcomes)
             print(f"{'caught ' if caught else 'MISSED '} {m.name} ({time.monotonic() - t0:.0f} s): "
-                  f"{run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]}", flush=True)
+                  + ", ".join(f"{t.rsplit('::', 1)[-1]} {o}" for t, o in zip(m.tests, outcomes)), flush=True)
             bad += not caught
     finally:
         shutil.rmtree(tree.parent, ignore_errors=True)

@@ -58,3 +58,15 @@ def test_backend_and_app_flags_document_the_env_vars():
         for flag in names:
             assert flag in out.stdout
         assert "env " in out.stdout
+
+
+def test_a_bad_setting_is_one_clear_line_not_a_traceback():
+    import sys
+
+    env = {**os.environ, "N_PARALLEL": "20", "BATCH_SIZE": "32"}
+    out = subprocess.run([sys.executable, "-m", "backend"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "BATCH_SIZE (32) must be at least 2 x N_PARALLEL (20)" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "app", "--max-queue", "0"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 2 and "max_queue" in out.stderr and "Traceback" not in out.stderr

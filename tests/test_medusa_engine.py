@@ -121,18 +121,25 @@ def test_seeded_sampling_is_lossless_and_reproducible(model_service, medusa_serv
 
 
 def test_n_choices_and_logprobs_are_those_of_plain_decoding(model_service, medusa_service):
-    def run(service, **kw):
-        r = GenerationRequest(id=f"m{next(_ids)}", prompt=PROMPTS[1], max_tokens=30, logprobs=2, **kw)
+    def run(service, prompt, max_tokens, **kw):
+        r = GenerationRequest(id=f"m{next(_ids)}", prompt=prompt, max_tokens=max_tokens, logprobs=2, **kw)
         out = run_requests(service, [r])[r.id]
         return [(c.token_ids, [(e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in c.logprobs])
                 for c in (out.choices[i] for i in range(r.n))]
 
-    for kw in (dict(n=2, temperature=0.0), dict(n=3, temperature=0.5, seed=12)):
+    # A long prompt decodes past position 255, where verify decodes and lone plain decodes would
+    # round differently without companion rows (backend/decode_plan.py); its repetitive end lets
+    # drafts be accepted there.
+    long_prompt = LONG_PROMPTS[0] + " Then they sang: la la la la la la la"
+    cases = [(PROMPTS[1], 30, dict(n=2, temperature=0.0)), (PROMPTS[1], 30, dict(n=3, temperature=0.5, seed=12)),
+             (long_prompt, 40, dict(temperature=0.0))]
+    for prompt, max_tokens, kw in cases:
         with Speculated(medusa_service) as ran:
-            spec = run(medusa_service, **kw)
-        assert spec == run(model_service, **kw)  # tokens, and the very logprob numbers
-        assert ran.steps > 10 and ran.tokens_per_step > 1.2, kw
-    assert spec[0] != spec[1]  # seeded choices differ from each other
+            spec = run(medusa_service, prompt, max_tokens, **kw)
+        assert spec == run(model_service, prompt, max_tokens, **kw), kw  # tokens, and the very logprob numbers
+        assert ran.steps >= 5 and ran.tokens_per_step > 1.2, kw
+        if kw.get("seed"):
+            assert spec[0] != spec[1]  # seeded choices differ from each other
 
 
 def test_stop_strings_and_eos_inside_a_draft(model_service, medusa_service, tmp_path):
@@ -214,7 +221,7 @@ def test_max_streams_gates_speculation(medusa_service):
     finally:
         spec.max_streams = 8
     assert [wide[r.id].choices[0].token_ids for r in same] == [narrow[r.id].choices[0].token_ids for r in again]
-    assert open_gate.steps >= 3 * 10  # three streams, each speculating
+    assert open_gate.steps >= 15  # three streams, each speculating
     # Gated: only the steps in which one stream decodes alone (while the others prefill or after
     # they finished) speculate.
     assert gated.steps <= 6
