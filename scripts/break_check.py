@@ -189,7 +189,7 @@ def run_test(python: str, tree: Path, test: str, timeout_s: float = 600) -> str:
     except subprocess.TimeoutExpired:
         return "timeout"
     tail = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
-    if run.returncode == 1 and " failed" in tail and " error" not in tail and "Timeout" not in run.stdout:
+    if run.returncode == 1 and " failed" in tail and " error" not in tail and "Failed: Timeout >" not in run.stdout:
         return "failed"
     return "passed" if run.returncode == 0 else f"error ({tail or run.stderr[-120:]})"
 

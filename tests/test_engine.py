@@ -110,7 +110,9 @@ def test_generation_to_the_context_end_matches_alone(model_service):
                                            medusa_heads="none"))
     service.load()
     try:
-        eos = {service.model.eos: -100.0, 106: -100.0}  # <eos> and <end_of_turn>: run to the end
+        end_of_turn = service.model.tokenize("<end_of_turn>", add_special=False)
+        assert len(end_of_turn) == 1 and service.model.is_eog(end_of_turn[0])
+        eos = {service.model.eos: -100.0, end_of_turn[0]: -100.0}  # Gemma's two end tokens: run to the end
         prompts = [service.model.tokenize(p, True)[:400] for p in LONG_PROMPTS]
         reqs = [req(p, max_tokens=None, logprobs=0, logit_bias=eos) for p in prompts]
         alone = [run_requests(service, [r])[r.id].choices[0] for r in reqs]
