@@ -11,9 +11,9 @@ takes one of three paths:
 - everything else (several streams, or 2..63 rows of one stream): each row walks its cells in order.
 The paths round differently: a token at position >= 256 decoded alone gets logits about 1 apart
 (0.8-1.4 measured, `python -m bench.decode_paths`) from the same token decoded next to another
-sequence or under a Medusa draft. So every generated
-token takes the per-row path: a sequence that would form a one-token ubatch of its own past
-position 255 gets a throwaway companion row (its next position, dropped right after the decode).
+sequence or under a Medusa draft. So every generated token takes the per-row path: a sequence that
+would form a one-token ubatch of its own past position 255 gets a throwaway companion row (its next
+position, dropped right after the decode).
 That next position always has a cell: a request ends when its last token reaches the context's
 last position, and that token is never decoded.
 

@@ -28,17 +28,6 @@ TEXT = " ".join(
 )
 
 
-def prefill(m: LlamaModel, tokens: list[int], seq: int, chunk: int = 256) -> np.ndarray:
-    m.seq_rm(seq)
-    for start in range(0, len(tokens), chunk):
-        m.batch_clear()
-        end = min(len(tokens), start + chunk)
-        for i in range(start, end):
-            m.batch_add(tokens[i], i, seq, i == len(tokens) - 1)
-        assert m.decode() == 0
-    return m.logits(m.batch.n_tokens - 1).copy()
-
-
 def logits_of(m: LlamaModel, rows: list[tuple[int, int, int]], want: int, outputs: set[int] | None = None) -> np.ndarray:
     """Decode (token, pos, seq) rows in one call (logits for `outputs`, default all); the logits of
     row `want`; then drop the new cells."""
@@ -68,15 +57,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    m = LlamaModel(resolve_model(args.model, None), ContextConfig(1024, 2, args.threads, 512, False))
+    # A batch of 1024 lets LlamaModel.prefill take every prompt here in one decode.
+    m = LlamaModel(resolve_model(args.model, None), ContextConfig(1024, 2, args.threads, 1024, False))
     text = m.tokenize(TEXT, True)
     other = m.tokenize("The capital of France is", True)
     print("| position | alone | two streams | Medusa-style 3 rows | 1 row ms | 1 row + companion ms |")
     print("|---|---|---|---|---|---|")
     for pos in args.positions:
         prompt = text[:pos]
-        token = int(prefill(m, prompt, 0).argmax())
-        prefill(m, other, 1)
+        token = int(m.prefill(prompt, 0).argmax())
+        m.prefill(other, 1)
         companion = logits_of(m, [(token, pos, 0), (token, pos + 1, 0)], 0, outputs={0})
         alone = logits_of(m, [(token, pos, 0)], 0)
         streams = logits_of(m, [(token, pos, 0), (other[-1], len(other), 1)], 0)

@@ -76,25 +76,24 @@ def test_stop_strings_through_the_api_and_sse(live_stack):
         assert (text, finish) == (free_chat[: free_chat.index(stop)], "stop") and stop not in raw
 
 
-def _completion_text(stack, body) -> tuple[str, str, str]:
-    r = post(stack, "/v1/completions", body)
+def _answer(stack, path: str, body: dict, text_of) -> tuple[str, str, str]:
+    """(text, finish_reason, raw body) of one choice, streamed or not; text_of(choice, streamed)."""
+    r = post(stack, path, body)
     assert r.status_code == 200, r.text
     if not body.get("stream"):
         choice = r.json()["choices"][0]
-        return choice["text"], choice["finish_reason"], r.text
+        return text_of(choice, False), choice["finish_reason"], r.text
     chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
-    return "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["choices"][0]["finish_reason"], r.text
+    return "".join(text_of(c["choices"][0], True) for c in chunks), chunks[-1]["choices"][0]["finish_reason"], r.text
+
+
+def _completion_text(stack, body) -> tuple[str, str, str]:
+    return _answer(stack, "/v1/completions", body, lambda choice, _: choice["text"])
 
 
 def _chat_text(stack, body) -> tuple[str, str, str]:
-    r = post(stack, "/v1/chat/completions", body)
-    assert r.status_code == 200, r.text
-    if not body.get("stream"):
-        choice = r.json()["choices"][0]
-        return choice["message"]["content"], choice["finish_reason"], r.text
-    chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    return text, chunks[-1]["choices"][0]["finish_reason"], r.text
+    return _answer(stack, "/v1/chat/completions", body,
+                   lambda choice, streamed: (choice["delta"].get("content") or "") if streamed else choice["message"]["content"])
 
 
 def test_concurrent_requests_do_not_corrupt_each_other(live_stack):
