@@ -19,7 +19,7 @@ ROOT = Path(__file__).parent
 def model_service():
     """The real default model loaded in-process, engine thread running, plain decoding (no Medusa)."""
     from backend.config import BackendSettings
-    from backend.server import ModelService
+    from backend.runtime import ModelService
 
     service = ModelService(BackendSettings(ctx_size=1024, n_parallel=4, threads=2, medusa_heads="none"))
     service.load()

@@ -1,9 +1,21 @@
 """The dynamic batcher: collects generation requests and forwards them to the model server in batches.
 
-A batch leaves when it holds `max_batch_size` requests or when its oldest request has waited
-`max_wait_ms`. A request that finds the model server idle (nothing in flight) leaves at once, so one
-user alone never pays the window. At most `max_queue` requests are admitted at once; past that,
-`submit` raises TooManyRequests (429 with Retry-After).
+The batcher never holds a request that a free slot could start. It knows the model server's
+capacity in sequences (`capacity`, ModelInfo.n_parallel, pushed by the ModelRegistry) and the
+sequences in flight (per sent request, its choices not yet done: a request with n choices takes n
+slots until its done events or an error free them). Policy, re-applied whenever a request arrives,
+a slot frees or the capacity changes:
+
+- The waiting requests that free slots can start leave at once: in arrival order, each that fits
+  (its n <= the slots still free) joins the batch, up to `max_batch_size` per batch. An n above the
+  capacity counts as the whole capacity, so it goes to an idle server, which refuses it.
+- The others wait for the window: they leave as a batch when `max_batch_size` of them wait or when
+  the oldest has waited `max_wait_ms`, whether or not slots are free (the model server queues them).
+- Capacity unknown (no model info yet): only an idle server is known to have room, so waiting
+  requests leave at once (up to `max_batch_size`) when nothing is in flight; otherwise the window.
+
+At most `max_queue` requests are admitted at once; past that, `submit` raises TooManyRequests
+(429 with Retry-After).
 
 Events of each request go to the asyncio.Queue its submitter handed in; a failure of the model
 server arrives there as an APIError instance.
@@ -18,7 +30,7 @@ from dataclasses import dataclass, field
 
 from app.backend_client import BackendClient
 from app.errors import APIError, BackendUnavailable, TooManyRequests
-from common.protocol import DoneEvent, ErrorEvent, GenerateBatch, GenerationRequest
+from common.protocol import DoneEvent, GenerateBatch, GenerationRequest, RequestProgress
 
 log = logging.getLogger("app.batcher")
 
@@ -27,16 +39,18 @@ log = logging.getLogger("app.batcher")
 class _Pending:
     req: GenerationRequest
     out: asyncio.Queue
+    progress: RequestProgress
     enqueued: float = field(default_factory=time.monotonic)
-    choices_left: int = 0
 
 
 class DynamicBatcher:
-    def __init__(self, client: BackendClient, max_batch_size: int = 4, max_wait_ms: float = 100.0, max_queue: int = 256):
+    def __init__(self, client: BackendClient, max_batch_size: int = 4, max_wait_ms: float = 100.0, max_queue: int = 256,
+                 capacity: int | None = None):
         self.client = client
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.capacity = capacity  # sequences the model server decodes at once; None: not known yet
         self._waiting: list[_Pending] = []
         self._in_flight: dict[str, _Pending] = {}  # sent to the model server, not finished
         self._wake = asyncio.Event()
@@ -51,9 +65,17 @@ class DynamicBatcher:
             if t is not None:
                 t.cancel()
 
+    def set_capacity(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._wake.set()  # waiting requests may fit now
+
     @property
     def admitted(self) -> int:
         return len(self._waiting) + len(self._in_flight)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(p.progress.choices_left for p in self._in_flight.values())
 
     def submit(self, reqs: list[GenerationRequest], out: asyncio.Queue) -> None:
         """Queue requests; their events (and errors) will be put on `out`."""
@@ -62,7 +84,7 @@ class DynamicBatcher:
                 f"The server is at capacity ({self.max_queue} requests admitted); retry shortly.", retry_after_s=1
             )
         for r in reqs:
-            self._waiting.append(_Pending(r, out, choices_left=r.n))
+            self._waiting.append(_Pending(r, out, RequestProgress(r.n)))
         self._wake.set()
 
     def cancel(self, ids: list[str]) -> None:
@@ -72,28 +94,47 @@ class DynamicBatcher:
         self._waiting = [p for p in self._waiting if p.req.id not in ids_set]
         sent = [i for i in ids if self._in_flight.pop(i, None) is not None]
         if sent:
+            self._wake.set()  # their slots are free for waiting requests
             task = asyncio.get_running_loop().create_task(self.client.cancel(sent))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
+    def _startable(self) -> list[_Pending]:
+        """The waiting requests free slots can start now, in arrival order, at most one batch."""
+        if self.capacity is None:  # unknown capacity: only an idle server is known to have room
+            return [] if self._in_flight else self._waiting[: self.max_batch_size]
+        free = self.capacity - self.busy_slots
+        batch = []
+        for p in self._waiting:
+            # n above the capacity never fits: it goes once the server is idle, to be refused there.
+            need = min(p.req.n, self.capacity)
+            if need <= free:
+                batch.append(p)
+                free -= need
+                if len(batch) == self.max_batch_size:
+                    break
+        return batch
+
     async def _collect(self) -> None:
         while True:
-            if not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self._in_flight and len(self._waiting) < self.max_batch_size:
-                # The model server is busy: give the batch until its oldest request's deadline to fill.
-                deadline = self._waiting[0].enqueued + self.max_wait_s
-                while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                    self._wake.clear()
+            self._wake.clear()
+            batch = self._startable()
+            if not batch and self._waiting:
+                # No room for them: the window gathers a batch until the oldest one's deadline.
+                left = self._waiting[0].enqueued + self.max_wait_s - time.monotonic()
+                if len(self._waiting) >= self.max_batch_size or left <= 0:
+                    batch = self._waiting[: self.max_batch_size]
+                else:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=left)
                     except TimeoutError:
-                        break
-                if not self._waiting:
+                        pass
                     continue
-            batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
+            if not batch:
+                await self._wake.wait()
+                continue
+            sent = {id(p) for p in batch}
+            self._waiting = [p for p in self._waiting if id(p) not in sent]
             for p in batch:
                 self._in_flight[p.req.id] = p
             task = asyncio.create_task(self._run(batch))
@@ -108,9 +149,12 @@ class DynamicBatcher:
                 if p is None:
                     continue
                 p.out.put_nowait(ev)
-                if isinstance(ev, ErrorEvent) or (isinstance(ev, DoneEvent) and _last_choice(p)):
+                ended = p.progress.see(ev)
+                if ended:
                     self._in_flight.pop(ev.id, None)
                     by_id.pop(ev.id)
+                if ended or isinstance(ev, DoneEvent):
+                    self._wake.set()  # a slot freed: a waiting request may start now
         except APIError as e:
             self._fail(by_id.values(), e)
         except Exception as e:  # a malformed stream must not leave clients waiting forever
@@ -124,8 +168,4 @@ class DynamicBatcher:
         for p in list(pending):
             if self._in_flight.pop(p.req.id, None) is not None:
                 p.out.put_nowait(err)
-
-
-def _last_choice(p: _Pending) -> bool:
-    p.choices_left -= 1
-    return p.choices_left <= 0
+        self._wake.set()  # their slots are free

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from openai.types import CompletionUsage
+from openai.types.completion_usage import PromptTokensDetails
 
 from app.batcher import DynamicBatcher
 from app.errors import (
@@ -20,7 +21,7 @@ from app.errors import (
     TooManyRequests,
 )
 from app.schemas import SamplingFields
-from common.protocol import DoneEvent, ErrorEvent, GenerationRequest, PromptEvent
+from common.protocol import ErrorEvent, GenerationRequest, PromptEvent, RequestProgress
 
 _ERRORS = {
     "context_length_exceeded": ContextLengthExceeded,
@@ -64,7 +65,7 @@ class Generation:
         self.prompts: dict[str, PromptEvent] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._early: list = []  # events that arrived while waiting for every prompt event
-        self._choices_left = {r.id: r.n for r in reqs}
+        self._progress = {r.id: RequestProgress(r.n) for r in reqs}
 
     async def start(self) -> None:
         self.batcher.submit(self.reqs, self._queue)
@@ -81,21 +82,24 @@ class Generation:
 
     async def events(self) -> AsyncIterator:
         """Delta and done events of every request until all choices are done."""
-        while self._early or any(self._choices_left.values()):
+        while self._early or self._live():
             ev = self._early.pop(0) if self._early else await self._next()
-            if isinstance(ev, DoneEvent):
-                self._choices_left[ev.id] -= 1
+            self._progress[ev.id].see(ev)
             yield ev
 
     def usage(self, completion_tokens: int) -> CompletionUsage:
         prompt_tokens = sum(p.prompt_tokens for p in self.prompts.values())
+        cached_tokens = sum(p.cached_tokens for p in self.prompts.values())
+        # Always sent, 0 included, as vLLM does with prefix caching on.
         return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                               total_tokens=prompt_tokens + completion_tokens)
+                               total_tokens=prompt_tokens + completion_tokens,
+                               prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
     def cancel(self) -> None:
         """Stop whatever is still running (no-op once every choice is done)."""
-        live = [i for i, left in self._choices_left.items() if left > 0]
-        self._choices_left = dict.fromkeys(self._choices_left, 0)
+        live = self._live()
+        for i in live:
+            self._progress[i].choices_left = 0
         if live:
             self.batcher.cancel(live)
 
@@ -104,8 +108,12 @@ class Generation:
         if isinstance(item, APIError):
             raise item
         if isinstance(item, ErrorEvent):
+            self._progress[item.id].see(item)  # ended: nothing of it to cancel
             raise error_from_event(item)
         return item
+
+    def _live(self) -> list[str]:
+        return [i for i, p in self._progress.items() if p.choices_left > 0]
 
 
 async def until_disconnect(request: Request, work: asyncio.Future):

@@ -25,15 +25,20 @@ log = logging.getLogger("app")
 
 
 class ModelRegistry:
-    """What the model server serves, fetched once it is ready (and again if it restarts)."""
+    """What the model server serves, fetched on first use once it is ready, then kept.
 
-    def __init__(self, client: BackendClient):
+    Every fetch hands the server's capacity (n_parallel) to the batcher; routes call `check` or
+    `get` before they submit, so the batcher knows it before the first request is forwarded."""
+
+    def __init__(self, client: BackendClient, batcher: DynamicBatcher):
         self.client = client
+        self.batcher = batcher
         self.info: ModelInfo | None = None
 
     async def get(self) -> ModelInfo:
         if self.info is None:
             self.info = await self.client.info()
+            self.batcher.set_capacity(self.info.n_parallel)
         return self.info
 
     async def check(self, model: str) -> ModelInfo:
@@ -45,8 +50,8 @@ class ModelRegistry:
 
 def create_app(settings: AppSettings, client: BackendClient | None = None) -> FastAPI:
     client = client or BackendClient(settings.resolved_backend_url())
-    registry = ModelRegistry(client)
     batcher = DynamicBatcher(client, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+    registry = ModelRegistry(client, batcher)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

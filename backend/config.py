@@ -35,6 +35,15 @@ class BackendSettings(BaseSettings):
     )
     medusa_max_streams: int = Field(0, ge=0, description="speculate while at most this many sequences decode (0: the tuning's, else 1)")
     medusa_acceptance: str = Field("lossless", pattern="^(lossless|typical)$", description="'lossless' or 'typical' (Medusa's, opt-in)")
+    prompt_cache: str = Field(
+        "exact", pattern="^(exact|fast|off)$",
+        description="keep finished requests' KV cells for later prompts sharing a prefix: 'exact' (reuse only "
+        "cells a cold prefill computes identically: output never depends on the cache), 'fast' (reuse every "
+        "cell, as llama-server does: faster next turns, greedy output may differ), 'off'",
+    )
+    prompt_cache_ram_mb: int = Field(
+        2048, ge=0, description="host memory for saved prompt states behind the slots (0: no RAM tier)"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @model_validator(mode="after")
@@ -42,4 +51,7 @@ class BackendSettings(BaseSettings):
         # A decode step holds every sequence's token and, for some, a companion row (decode_plan).
         if self.batch_size < 2 * self.n_parallel:
             raise ValueError(f"BATCH_SIZE ({self.batch_size}) must be at least 2 x N_PARALLEL ({self.n_parallel})")
+        # A prompt chunk, or a chunk the prompt cache re-balances (up to 127 rows), fits one decode.
+        if self.batch_size < max(self.prefill_chunk, 127):
+            raise ValueError(f"BATCH_SIZE ({self.batch_size}) must be at least max(PREFILL_CHUNK ({self.prefill_chunk}), 127)")
         return self

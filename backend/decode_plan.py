@@ -44,3 +44,62 @@ def companion_rows(tokens: list[tuple[int, int]], n_cells: int) -> list[int]:
         if not in_run and needs_companion(pos, n_cells):
             out.append(k)
     return out
+
+
+# --- prompt chunks and what a prompt cache may reuse ---------------------------------------------
+# Measured (tests/test_prompt_cache.py, README "The prompt cache"): a cell written by a prefill chunk
+# of TILED_FROM_ROWS or more rows of one sequence holds the same numbers whatever the chunk's length
+# or start (chunks of 64..400 rows on any boundaries give bit-identical logits), while cells of
+# shorter chunks and of single-token decode steps differ with the row count. Call such cells
+# "tiled". A cold prefill runs chunks of `chunk` rows from position 0, so every prompt cell is tiled
+# except those of a last chunk shorter than TILED_FROM_ROWS.
+
+
+def cold_chunks(n_prompt: int, chunk: int) -> list[int]:
+    """The end of each prompt chunk of a cold prefill: the fixed schedule."""
+    return list(range(chunk, n_prompt, chunk)) + [n_prompt]
+
+
+def tiled_end(n_prompt: int, chunk: int) -> int:
+    """How many leading cells of a cold prefill are tiled."""
+    if chunk < TILED_FROM_ROWS:
+        return 0
+    last_start = (n_prompt - 1) // chunk * chunk
+    return n_prompt if n_prompt - last_start >= TILED_FROM_ROWS else last_start
+
+
+def tiled_chunks(start: int, end: int, chunk: int) -> tuple[int, list[int]]:
+    """Chunks that compute cells [start, end) as tiled cells: near-equal chunks of at most `chunk`
+    rows (2 x TILED_FROM_ROWS - 1 when `chunk` is smaller) and at least TILED_FROM_ROWS. Moves
+    `start` back when fewer rows remain (recomputing tiled cells changes none of them). Returns
+    (start, chunk ends); with end < TILED_FROM_ROWS the one chunk is short (not tiled)."""
+    start = max(0, min(start, end - TILED_FROM_ROWS))
+    n = end - start
+    k = max(1, -(-n // chunk))
+    if n // k < TILED_FROM_ROWS:
+        k = max(1, n // TILED_FROM_ROWS)
+    return start, [start + n * (i + 1) // k for i in range(k)]
+
+
+def reuse_plan(n_prompt: int, cached: int, chunk: int) -> tuple[int, list[int]]:
+    """Exact prompt reuse: given that the first `cached` prompt tokens' cells are kept and tiled,
+    how many to reuse and the chunk ends that prefill the rest, so that every cell and the last
+    row's logits come out exactly as a cold prefill computes them. Tiled cells are computed by
+    chunks of >= TILED_FROM_ROWS rows; a short last chunk of the cold schedule is run as it is."""
+    cold = cold_chunks(n_prompt, chunk)
+    end = tiled_end(n_prompt, chunk)
+    reuse = min(cached, end if end < n_prompt else n_prompt - 1)
+    if reuse <= 0 or end == 0:
+        return 0, cold
+    if reuse == end:  # all tiled cells kept: only the cold schedule's short last chunk remains
+        return reuse, [n_prompt]
+    start, ends = tiled_chunks(reuse, end, chunk)
+    if start == 0:
+        return 0, cold
+    return start, ends + ([n_prompt] if end < n_prompt else [])
+
+
+def fast_plan(n_prompt: int, cached: int, chunk: int) -> tuple[int, list[int]]:
+    """Inexact reuse (PROMPT_CACHE=fast): every kept cell, whatever computed it; the rest in chunks."""
+    reuse = max(0, min(cached, n_prompt - 1))
+    return reuse, list(range(reuse + chunk, n_prompt, chunk)) + [n_prompt]

@@ -1,15 +1,14 @@
 """The engine thread: continuous batching over one llama.cpp context.
 
-Each step builds ONE llama_batch with one token for every decoding sequence plus prompt chunks of
-requests being prefilled, calls llama_decode once, samples, and hands the resulting events to each
-request's sink. Requests join and leave between steps. Only this thread touches the context.
+Each step is schedule -> run -> postprocess: the scheduler (backend/scheduler.py) admits waiting
+requests to KV slots (backend/slots.py, the prompt cache) and composes the step; the engine runs
+its llama_decode calls (a Medusa verify decode per speculating sequence, one decode of a token for
+every other decoding sequence, one prompt chunk, or an idle chunk when nothing else runs); each
+sequence (backend/sequence.py) turns its chosen tokens into events, handed to each request's sink
+once per step. Requests join and leave between steps. Only this thread touches the context.
 
 A request with n choices prefills its prompt once on its first sequence, then copies those cells to
 the other choices' sequences (llama_memory_seq_cp) instead of prefilling n times.
-
-With Medusa heads (backend/medusa), a sequence whose heads proposed a draft decodes its last token
-plus the draft in its own llama_decode while few enough streams run; the target token at each row is
-sampled exactly as plain decoding would, and the walk goes on while it matches the draft.
 """
 
 from __future__ import annotations
@@ -18,85 +17,52 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 
 from backend.decode_plan import TILED_FROM_ROWS, companion_rows, needs_companion
 from backend.llama_model import LlamaModel
+from backend.logprobs import prompt_logprobs
 from backend.medusa.speculator import Speculator
 from backend.medusa.tree import typical_ok
+from backend.medusa.verify import verify
 from backend.prepare import PreparedRequest
-from backend.sampling import Sampler, log_softmax_top
-from backend.text_stream import TextStream
-from common.protocol import (
-    DeltaEvent,
-    DoneEvent,
-    ErrorEvent,
-    FinishReason,
-    PromptEvent,
-    TokenLogprob,
-    TopLogprob,
-)
+from backend.scheduler import Scheduler
+from backend.sequence import Request, Sequence, Sink
+from backend.slots import CacheMode, SlotManager
+from common.protocol import DoneEvent, ErrorEvent, PromptEvent
 
 log = logging.getLogger("backend.engine")
-
-Sink = Callable[[list], None]  # receives a list of protocol events; must be thread-safe
-PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
-
-
-@dataclass
-class _Seq:
-    index: int  # choice index
-    seq_id: int
-    sampler: Sampler
-    text: TextStream
-    n_past: int = 0  # position of last_token
-    last_token: int = -1
-    generated: int = 0
-    done: bool = False
-    draft: list[int] = field(default_factory=list)  # Medusa's guesses for the tokens after last_token
-
-
-@dataclass
-class _Active:
-    prep: PreparedRequest
-    sink: Sink
-    seqs: list[_Seq] = field(default_factory=list)
-    prefilled: int = 0
-    prompt_logprobs: list = field(default_factory=list)
-
-    @property
-    def id(self) -> str:
-        return self.prep.req.id
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prep.tokens)
 
 
 @dataclass
 class EngineStats:
-    steps: int = 0
+    steps: int = 0  # llama_decode calls
     tokens_generated: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens prefilled (not those reused from the cache)
     decode_seconds: float = 0.0
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, prefill_chunk: int = 256, speculator: Speculator | None = None):
+    def __init__(
+        self,
+        model: LlamaModel,
+        prefill_chunk: int = 256,
+        speculator: Speculator | None = None,
+        cache_mode: CacheMode = "exact",
+        cache_ram_bytes: int = 0,
+    ):
         if speculator is not None and not model.embeddings:
             raise ValueError("Medusa needs a context with embeddings on")
         self.model = model
-        self.prefill_chunk = prefill_chunk
         self.spec = speculator
         self.stats = EngineStats()
+        self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes)
+        self.scheduler = Scheduler(self.slots, prefill_chunk)
         self._commands: queue.Queue = queue.Queue()
-        self._waiting: deque[_Active] = deque()
-        self._running: list[_Active] = []
-        self._free_seq_ids = list(range(model.n_parallel))
         self._outbox: dict[int, tuple[Sink, list]] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stop = False
@@ -110,10 +76,17 @@ class Engine:
         self._thread.join(timeout=10)
 
     def submit(self, prep: PreparedRequest, sink: Sink) -> None:
-        self._commands.put(("submit", _Active(prep, sink)))
+        self._commands.put(("submit", Request(prep, sink)))
 
     def cancel(self, ids: list[str]) -> None:
         self._commands.put(("cancel", set(ids)))
+
+    def call(self, fn: Callable[[LlamaModel], object], timeout_s: float = 60.0):
+        """Run fn(model) on the engine thread between steps and return its result. The prompt cache
+        forgets every free slot afterwards, since fn may have used their cells (tests, tools)."""
+        fut: Future = Future()
+        self._commands.put(("call", (fn, fut)))
+        return fut.result(timeout=timeout_s)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -121,18 +94,21 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop:
-            self._take_commands(block=not (self._running or self._waiting))
-            self._admit()
-            if self._running:
+            self._take_commands(block=not self.scheduler.busy and not self.slots.has_idle_work())
+            self.scheduler.admit()
+            step = self.scheduler.plan(self.spec.active_for if self.spec is not None else None)
+            if not step.empty:
                 try:
-                    self._step()
+                    self._run(step)
                 except Exception as e:  # never let one bad step kill the thread
                     log.exception("engine step failed")
-                    for act in list(self._running):
-                        self._fail(act, f"internal engine error: {e}")
-            self._flush()
-        for act in list(self._running) + list(self._waiting):
-            self._fail(act, "the model server is shutting down")
+                    for req in list(self.scheduler.running):
+                        self._fail(req, f"internal engine error: {e}")
+                    if step.idle is not None:
+                        self.slots.reset(step.idle[0])
+            self._postprocess()
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._fail(req, "the model server is shutting down")
         self._flush()
 
     def _take_commands(self, block: bool) -> None:
@@ -145,118 +121,92 @@ class Engine:
             if kind == "stop":
                 self._stop = True
             elif kind == "submit":
-                self._waiting.append(arg)
+                self.scheduler.add(arg)
             elif kind == "cancel":
                 self._cancel(arg)
+            elif kind == "call":
+                self._call(*arg)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
 
+    def _call(self, fn, fut: Future) -> None:
+        try:
+            fut.set_result(fn(self.model))
+        except Exception as e:
+            fut.set_exception(e)
+        finally:
+            for slot in self.slots.slots:
+                if not slot.busy:
+                    self.slots.reset(slot)
+
     def _cancel(self, ids: set[str]) -> None:
-        for act in [a for a in self._waiting if a.id in ids]:
-            self._waiting.remove(act)
-            for i in range(act.prep.req.n):
-                self._emit(act, DoneEvent(id=act.id, index=i, finish_reason="cancelled", completion_tokens=0))
-        for act in [a for a in self._running if a.id in ids]:
-            for seq in act.seqs:
-                if not seq.done:
-                    self._finish(act, seq, "cancelled")
-            self._retire(act)
+        for req in [r for r in self.scheduler.waiting if r.id in ids]:
+            self.scheduler.remove(req)
+            for i in range(req.prep.req.n):
+                self._emit(req.sink, DoneEvent(id=req.id, index=i, finish_reason="cancelled", completion_tokens=0))
+        for req in [r for r in self.scheduler.running if r.id in ids]:
+            for seq in req.seqs:
+                if not seq.finished:
+                    self._emit(req.sink, *seq.finish("cancelled"))
 
-    def _admit(self) -> None:
-        while self._waiting and len(self._free_seq_ids) >= self._waiting[0].prep.req.n:
-            act = self._waiting.popleft()
-            req = act.prep.req
-            for i in range(req.n):
-                params = act.prep.sampling
-                act.seqs.append(
-                    _Seq(
-                        index=i,
-                        seq_id=self._take_seq_id(),
-                        sampler=Sampler(params, self.model.n_vocab, seed_offset=i),
-                        text=TextStream(req.stop),
-                    )
-                )
-            self._running.append(act)
-
-    def _take_seq_id(self) -> int:
-        # The lowest free id: llama.cpp batches only runs of consecutive sequence ids together
-        # (measured on 4 streams: ids 0,1,2,3 29 ms a step, 0,2,5,7 77 ms), so keep ids packed.
-        seq_id = min(self._free_seq_ids)
-        self._free_seq_ids.remove(seq_id)
-        return seq_id
-
-    def _step(self) -> None:
-        """One token for every decoding sequence, then one prompt chunk of the oldest prefilling
-        request, each in its own llama_decode.
-
-        Why two calls, not one mixed batch: llama.cpp's CPU kernels give a token slightly different
-        logits when other sequences' multi-token chunks share its ubatch (tests/test_engine.py
-        shows it), which would make greedy output depend on concurrency. A batch of single tokens
-        of distinct sequences is invariant once no token past position 255 sits alone in its
-        ubatch (backend/decode_plan.py lays that out), and so is a chunk that holds one sequence
-        alone on a fixed schedule, so every request decodes exactly as it would alone."""
-        m = self.model
-        # In seq-id order: llama.cpp splits a batch whose ids are out of order into one ubatch per
-        # sequence (measured: 4 streams cost 74 ms a step instead of 29 ms).
-        decoding = sorted(
-            ((a, s) for a in self._running if a.decoding for s in a.seqs if not s.done), key=lambda x: x[1].seq_id
-        )
-        speculate = self.spec is not None and self.spec.active_for(len(decoding))
-        plain = [(a, s) for a, s in decoding if not (speculate and s.draft)]
-        if not speculate:
-            for _, seq in plain:
-                seq.draft = []  # stale by the time speculation resumes
-        for act, seq in decoding:
-            if speculate and seq.draft:
-                self._speculative_step(act, seq)
-        plain = [(a, s) for a, s in plain if not s.done]  # a failed speculative step may end a request
+    # --- run ------------------------------------------------------------------------------------
+    def _run(self, step) -> None:
+        for seq in step.speculative:
+            if not seq.finished:  # an earlier failure in this step may have ended its request
+                self._speculative_step(seq)
+        plain = [s for s in step.plain if not s.finished]
         if plain:
-            # Every token takes the attention path it takes alone: lone long ones get a companion row.
-            lone = companion_rows([(s.seq_id, s.n_past) for _, s in plain], self._cells_for_companions())
-            self._decode_single_tokens(plain, {plain[i][1].seq_id for i in lone}, speculate)
-        act = next((a for a in self._running if not a.decoding), None)
-        if act is not None:
-            self._prefill_chunk(act)
-        self._running = [a for a in self._running if not all(s.done for s in a.seqs)]
-        if self.spec is not None and not self.spec.ranks and m.embeddings:
-            m.set_embeddings(False)  # the tuning switched speculation off: stop producing hidden states
-            m.embeddings = False
+            self._decode_tokens(plain, speculate=step.speculate)
+        if step.prefill is not None:
+            self._prefill_chunk(*step.prefill)
+        if step.idle is not None:
+            slot, tokens, start, end = step.idle
+            self._decode_prompt(tokens, start, end, slot.seq_id, output=False)
+            self.slots.idle_done(slot, tokens, start, end)
 
     def _cells_for_companions(self) -> int:
         # 0 turns companion rows off: a recurrent state would advance over the throwaway token.
         return self.model.n_cells if self.model.attention_only else 0
 
-    def _decode_single_tokens(self, group: list[tuple[_Active, _Seq]], companions: set[int], speculate: bool) -> None:
-        """One llama_decode of each sequence's next token (seq-id order); a sequence in `companions`
-        also gets a throwaway row at its next position, dropped right after (decode_plan)."""
+    def _decode_tokens(self, seqs: list[Sequence], speculate: bool) -> None:
+        """One llama_decode of each sequence's next token (sequence-id order); a lone sequence past
+        position 255 also gets a throwaway row at its next position, dropped right after, so that
+        every token takes the attention path it takes next to others (decode_plan)."""
         m = self.model
+        lone = {seqs[i].seq_id for i in companion_rows([(s.seq_id, s.n_past) for s in seqs], self._cells_for_companions())}
         m.batch_clear()
-        slots = []
-        for act, seq in group:
-            slots.append((act, seq, m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True)))
-            if seq.seq_id in companions:
+        rows = []
+        for seq in seqs:
+            rows.append(m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True))
+            if seq.seq_id in lone:
                 m.batch_add(seq.last_token, seq.n_past + 1, seq.seq_id, False)
         self._decode()
-        for _, seq, _ in slots:
-            if seq.seq_id in companions:
+        for seq in seqs:
+            if seq.seq_id in lone:
                 m.seq_rm(seq.seq_id, seq.n_past + 1, -1)
-        for act, seq, idx in slots:
-            self._accept(act, seq, idx)
+        for seq, row in zip(seqs, rows):
+            self._take(seq, row)
         if speculate:
-            live = [(seq, idx) for _, seq, idx in slots if not seq.done]
+            live = [(seq, row) for seq, row in zip(seqs, rows) if not seq.finished]
             if live:
-                drafts = self.spec.drafts(np.stack([m.hidden(idx) for _, idx in live]))
+                drafts = self.spec.drafts(np.stack([m.hidden(row) for _, row in live]))
                 for (seq, _), draft in zip(live, drafts):
                     seq.draft = draft
 
-    def _speculative_step(self, act: _Active, seq: _Seq) -> None:
+    def _take(self, seq: Sequence, row: int, forced: int | None = None) -> int:
+        token = seq.choose(row, forced)
+        self.stats.tokens_generated += 1
+        self._emit(seq.request.sink, *seq.take(token, self.model.logits(row)))
+        return token
+
+    def _speculative_step(self, seq: Sequence) -> None:
         """Decode last_token + the draft in the sequence's own batch (so every row's logits are what
-        plain decoding gives), then emit target tokens while they match the draft."""
+        plain decoding gives), then emit target tokens while they confirm the draft."""
         m = self.model
-        room = min(m.n_ctx_per_seq - 1 - seq.n_past, act.prep.max_tokens - seq.generated - 1)
-        draft = seq.draft[: max(0, min(room, TILED_FROM_ROWS - 2))]
+        room = min(m.n_ctx_per_seq - 1 - seq.n_past, seq.max_tokens - seq.generated - 1)
+        draft = seq.draft[: max(0, min(room, TILED_FROM_ROWS - 2))]  # 2..63 rows: the per-row path
         base = seq.n_past
         m.batch_clear()
         m.batch_add(seq.last_token, base, seq.seq_id, True)
@@ -267,48 +217,52 @@ class Engine:
             # the split-KV path (decode_plan). Its cell goes when the request finishes.
             m.batch_add(seq.last_token, base + 1, seq.seq_id, False)
         self._decode()
-        p = act.prep.sampling
-        # Typical acceptance judges a draft token by the temperature-scaled distribution alone, so
-        # it applies only where the sampler chain is nothing more (no bias, top-p or penalties).
-        typical = self.spec.typical and p.temperature > 0 and not p.logit_bias and p.top_p >= 1.0 and not (
-            p.presence_penalty or p.frequency_penalty
-        )
-        accepted = 0
-        for row in range(len(draft) + 1):
+        typical = self.spec.typical and _typical_applies(seq.request.prep.sampling)
+
+        def choose_row(row: int) -> tuple[int, bool]:
             forced = None
             if typical and row < len(draft):
-                if typical_ok(m.logits(row), draft[row], p.temperature, self.spec.typical_epsilon, self.spec.typical_alpha):
+                if typical_ok(m.logits(row), draft[row], seq.sampler.params.temperature,
+                              self.spec.typical_epsilon, self.spec.typical_alpha):
                     forced = draft[row]
                     self.spec.stats.typical_accepted += 1
-            token = self._accept(act, seq, row, forced=forced)
-            matched = row < len(draft) and token == draft[row]
-            accepted += matched
-            if seq.done or not matched:
-                break
+            return self._take(seq, row, forced), seq.finished
+
+        accepted = verify(draft, choose_row)
         if draft:
             self.spec.record(len(draft), accepted)
-        if seq.done:
+        if seq.finished:
             return
         # Keep the cells of the root and the accepted draft tokens; last_token (the token the
         # last accepted row chose) is decoded next step, at position base + accepted + 1.
         if not m.seq_rm(seq.seq_id, base + accepted + 1, -1):
             # A memory that cannot drop a partial tail (recurrent state) would keep the rejected
             # draft: fail this request and stop speculating rather than emit wrong tokens.
-            self.spec.ranks, self.spec.note = [], "off: this model's memory cannot drop a rejected draft"
-            self._fail(act, "speculative decoding is not supported by this model's memory; retry")
+            self.spec.disable("off: this model's memory cannot drop a rejected draft")
+            self._fail(seq.request, "speculative decoding is not supported by this model's memory; retry")
             return
         seq.draft = self.spec.drafts(m.hidden(accepted))[0]
 
-    def _prefill_chunk(self, act: _Active) -> None:
+    def _prefill_chunk(self, req: Request, start: int, end: int) -> None:
+        main = req.seqs[0]
+        want_all = req.prep.req.prompt_logprobs
+        self._decode_prompt(req.tokens, start, end, main.seq_id, output=True, all_rows=want_all)
+        self.stats.prompt_tokens += end - start
+        self.slots.prefilled(main.slot, req.tokens, start, end)
+        if want_all:
+            top_n = req.prep.req.logprobs or 0
+            req.prompt_logprobs += prompt_logprobs(self.model, req.tokens, start, end, top_n, self.model.logits)
+        req.prefilled = end
+        req.chunk_ends.pop(0)
+        if req.decoding:
+            self._start_decoding(req, end - start - 1)
+
+    def _decode_prompt(self, tokens: list[int], start: int, end: int, seq_id: int, output: bool, all_rows: bool = False) -> None:
+        """One prompt chunk of one sequence, hidden-state output off (else every row is an output)."""
         m = self.model
-        tokens = act.prep.tokens
-        want_all = act.prep.req.prompt_logprobs
-        start = act.prefilled
-        end = min(len(tokens), start + (PROMPT_LOGPROBS_CHUNK if want_all else self.prefill_chunk))
-        seq_id = act.seqs[0].seq_id
         m.batch_clear()
         for pos in range(start, end):
-            m.batch_add(tokens[pos], pos, seq_id, want_all or pos == len(tokens) - 1)
+            m.batch_add(tokens[pos], pos, seq_id, all_rows or (output and pos == end - 1))
         if m.embeddings:
             m.set_embeddings(False)
             try:
@@ -317,12 +271,6 @@ class Engine:
                 m.set_embeddings(True)
         else:
             self._decode()
-        self.stats.prompt_tokens += end - start
-        if want_all:
-            self._collect_prompt_logprobs(act, start, end)
-        act.prefilled = end
-        if act.decoding:
-            self._start_decoding(act, end - start - 1)
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
@@ -332,121 +280,54 @@ class Engine:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
 
-    def _start_decoding(self, act: _Active, last_idx: int) -> None:
-        req = act.prep.req
-        n_prompt = len(act.prep.tokens)
-        self._emit(
-            act,
-            PromptEvent(
-                id=act.id,
-                prompt_tokens=n_prompt,
-                text=act.prep.prompt_text,
-                logprobs=act.prompt_logprobs if req.prompt_logprobs else None,
-            ),
-        )
-        main = act.seqs[0].seq_id
-        for seq in act.seqs:
-            if seq.seq_id != main:
-                self.model.seq_cp(main, seq.seq_id)
-            seq.n_past = n_prompt - 1
-            if act.prep.max_tokens == 0:
-                self._finish(act, seq, "length")
+    def _start_decoding(self, req: Request, last_row: int) -> None:
+        p = req.prep
+        self._emit(req.sink, PromptEvent(
+            id=req.id, prompt_tokens=len(p.tokens), cached_tokens=req.cached_tokens, text=p.prompt_text,
+            logprobs=req.prompt_logprobs if p.req.prompt_logprobs else None,
+        ))
+        main = req.seqs[0]
+        for seq in req.seqs:
+            if seq is not main:
+                self.slots.copy(main.slot, seq.slot)
+            if p.max_tokens == 0:
+                self._emit(req.sink, *seq.finish("length"))
             else:
-                self._accept(act, seq, last_idx)
+                self._take(seq, last_row)
 
-    def _accept(self, act: _Active, seq: _Seq, idx: int, forced: int | None = None) -> int:
-        """Sample the sequence's next token from output `idx` (or take `forced`, recording it in the
-        sampler's history) and emit what it adds. Returns the token."""
-        m = self.model
-        logits = m.logits(idx)
-        if forced is None:
-            token = seq.sampler.sample(m.ctx, idx, logits)
-        else:
-            token = forced
-            seq.sampler.accept(token)
-        seq.generated += 1
-        self.stats.tokens_generated += 1
-        seq.n_past += 1
-        seq.last_token = token
-        if m.is_eog(token) and not act.prep.req.ignore_eos:
-            self._finish(act, seq, "stop")
-            return token
-        text, stopped = seq.text.push(m.token_bytes(token))
-        lp = None
-        if act.prep.req.logprobs is not None:
-            lp = [self._token_logprob(logits, token, act.prep.req.logprobs)]
-        self._emit(act, DeltaEvent(id=act.id, index=seq.index, text=text, token_ids=[token], logprobs=lp))
-        if stopped:
-            self._finish(act, seq, "stop", flush=False)
-        elif seq.generated >= act.prep.max_tokens or seq.n_past >= m.n_ctx_per_seq:
-            self._finish(act, seq, "length")
-        return token
+    # --- postprocess ----------------------------------------------------------------------------
+    def _postprocess(self) -> None:
+        for req in self.scheduler.retire():
+            for seq in req.seqs:
+                self.slots.release(seq.slot, seq.kept_tokens())
+        if self.spec is not None and not self.spec.on and self.model.embeddings:
+            self.model.stop_hidden_states()  # speculation is off for good: stop producing hidden states
+        self._flush()
 
-    def _token_logprob(self, logits, token: int, top_n: int) -> TokenLogprob:
-        m = self.model
-        chosen, top = log_softmax_top(logits, token, top_n)
-        piece = m.token_bytes(token)
-        return TokenLogprob(
-            token_id=token,
-            token=piece.decode("utf-8", "replace"),
-            bytes=list(piece),
-            logprob=chosen,
-            top=[
-                TopLogprob(token_id=t, token=(b := m.token_bytes(t)).decode("utf-8", "replace"), bytes=list(b), logprob=lp)
-                for t, lp in top
-            ],
-        )
-
-    def _collect_prompt_logprobs(self, act: _Active, start: int, end: int) -> None:
-        # Row j's logits predict prompt token j+1.
-        tokens = act.prep.tokens
-        top_n = act.prep.req.logprobs or 0
-        if start == 0:
-            piece = self.model.token_bytes(tokens[0])
-            act.prompt_logprobs.append(
-                TokenLogprob(token_id=tokens[0], token=piece.decode("utf-8", "replace"), bytes=list(piece), logprob=None)
-            )
-        for j in range(start, min(end, len(tokens) - 1)):
-            act.prompt_logprobs.append(self._token_logprob(self.model.logits(j - start), tokens[j + 1], top_n))
-
-    def _finish(self, act: _Active, seq: _Seq, reason: FinishReason, flush: bool = True) -> None:
-        if flush and reason != "cancelled":
-            tail = seq.text.flush()
-            if tail:
-                self._emit(act, DeltaEvent(id=act.id, index=seq.index, text=tail, token_ids=[]))
-        seq.done = True
-        self._emit(
-            act, DoneEvent(id=act.id, index=seq.index, finish_reason=reason, completion_tokens=seq.generated)
-        )
-        self.model.seq_rm(seq.seq_id)
-        seq.sampler.close()
-        self._free_seq_ids.append(seq.seq_id)
-
-    def _retire(self, act: _Active) -> None:
-        if act in self._running:
-            self._running.remove(act)
-
-    def _fail(self, act: _Active, message: str) -> None:
-        for seq in act.seqs:
-            if not seq.done:
-                seq.done = True
-                self.model.seq_rm(seq.seq_id)
+    def _fail(self, req: Request, message: str) -> None:
+        """End a request with an error event: its slots forget their cells (they may be half written)."""
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finished = True
                 seq.sampler.close()
-                self._free_seq_ids.append(seq.seq_id)
-        self._emit(act, ErrorEvent(id=act.id, message=message, code="internal"))
-        self._retire(act)
-        if act in self._waiting:
-            self._waiting.remove(act)
+            self.slots.reset(seq.slot)
+        self.scheduler.remove(req)
+        self._emit(req.sink, ErrorEvent(id=req.id, message=message, code="internal"))
 
-    # --- events ---------------------------------------------------------------------------------
-    def _emit(self, act: _Active, event) -> None:
-        key = id(act.sink)
+    def _emit(self, sink: Sink, *events) -> None:
+        key = id(sink)
         if key not in self._outbox:
-            self._outbox[key] = (act.sink, [])
-        self._outbox[key][1].append(event)
+            self._outbox[key] = (sink, [])
+        self._outbox[key][1].extend(events)
 
     def _flush(self) -> None:
         # One hand-over per sink per step, not one per token.
         for sink, events in self._outbox.values():
             sink(events)
         self._outbox.clear()
+
+
+def _typical_applies(p) -> bool:
+    # Typical acceptance judges a draft token by the temperature-scaled distribution alone, so it
+    # applies only where the sampler chain is nothing more (no bias, top-p or penalties).
+    return p.temperature > 0 and not p.logit_bias and p.top_p >= 1.0 and not (p.presence_penalty or p.frequency_penalty)

@@ -6,13 +6,14 @@ import queue
 import time
 from dataclasses import dataclass, field
 
-from backend.server import ModelService
+from backend.runtime import ModelService
 from common.protocol import (
     DeltaEvent,
     DoneEvent,
     ErrorEvent,
     GenerationRequest,
     PromptEvent,
+    RequestProgress,
     TokenLogprob,
 )
 
@@ -46,7 +47,7 @@ def run_requests(service: ModelService, reqs: list[GenerationRequest], timeout_s
         if isinstance(prep, ErrorEvent):
             results[r.id].error = prep
         else:
-            left[r.id] = r.n
+            left[r.id] = RequestProgress(r.n)
             service.engine.submit(prep, inbox.put)
     deadline = time.monotonic() + timeout_s
     while left:
@@ -54,11 +55,12 @@ def run_requests(service: ModelService, reqs: list[GenerationRequest], timeout_s
         now = time.perf_counter()
         for ev in events:
             res = results[ev.id]
+            if ev.id in left and left[ev.id].see(ev):
+                del left[ev.id]
             if isinstance(ev, PromptEvent):
                 res.prompt = ev
             elif isinstance(ev, ErrorEvent):
                 res.error = ev
-                left.pop(ev.id, None)
             else:
                 choice = res.choices.setdefault(ev.index, ChoiceResult())
                 if isinstance(ev, DeltaEvent):
@@ -71,7 +73,4 @@ def run_requests(service: ModelService, reqs: list[GenerationRequest], timeout_s
                 elif isinstance(ev, DoneEvent):
                     choice.finish_reason = ev.finish_reason
                     choice.completion_tokens = ev.completion_tokens
-                    left[ev.id] -= 1
-                    if left[ev.id] == 0:
-                        del left[ev.id]
     return results

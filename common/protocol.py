@@ -9,9 +9,11 @@ Both layers import these models; nothing here knows OpenAI's JSON shapes or llam
     GET  /stats                     -> Stats
     POST /tokenize   TokenizeRequest -> TokenizeResponse
 
-One /generate call carries a whole batch. Per request the stream holds, in order: one `prompt` event
-(or one `error` event and nothing else), then `delta` events per choice, then one `done` event per
-choice. Closing the /generate connection cancels every request of the batch that is still running.
+One /generate call carries a whole batch. Per request the stream holds, in order: one `prompt` event,
+then `delta` events per choice, then one `done` event per choice. An `error` event may come at any
+point (before the prompt event when the request is refused, later when the engine fails it) and
+ends the request: nothing of it follows. `RequestProgress` writes that rule down for every reader.
+Closing the /generate connection cancels every request of the batch that is still running.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class PromptEvent(BaseModel):
     type: Literal["prompt"] = "prompt"
     id: str
     prompt_tokens: int
+    cached_tokens: int = Field(0, description="prompt tokens whose KV cells came from the prompt cache")
     text: str | None = None  # the prompt as text, when echo_prompt
     logprobs: list[TokenLogprob] | None = None  # prompt_logprobs: one per prompt token
 
@@ -106,6 +109,23 @@ Event = Annotated[Union[PromptEvent, DeltaEvent, DoneEvent, ErrorEvent], Field(d
 
 # Parses one NDJSON line into the right event class.
 event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class RequestProgress:
+    """The rule that ends a request on the stream: its n-th done event, or any error event."""
+
+    def __init__(self, n: int):
+        self.choices_left = n
+
+    def see(self, event) -> bool:
+        """Take one event of this request; True when the request has ended with it."""
+        if isinstance(event, ErrorEvent):
+            self.choices_left = 0
+            return True
+        if isinstance(event, DoneEvent):
+            self.choices_left -= 1
+            return self.choices_left <= 0
+        return False
 
 
 class CancelRequest(BaseModel):
@@ -146,6 +166,21 @@ class ModelInfo(BaseModel):
     created: int = Field(description="unix time the model was loaded")
 
 
+class PromptCacheReport(BaseModel):
+    mode: Literal["exact", "fast", "off"] = Field(description="exact: reuse only cells a cold prefill computes identically")
+    queries: int = Field(0, description="prompts admitted while the cache is on")
+    hits: int = Field(0, description="prompts that reused at least one cached token")
+    tokens_reused: int = Field(0, description="prompt tokens not prefilled thanks to the cache")
+    tokens_prefilled: int = Field(0, description="prompt tokens prefilled (cache on)")
+    ram_entries: int = Field(0, description="sequence states held in the RAM tier")
+    ram_bytes: int = Field(0)
+    ram_capacity_bytes: int = Field(0)
+    ram_saves: int = 0
+    ram_restores: int = Field(0, description="prompts served by restoring a RAM-tier state")
+    ram_hit_rate: float | None = Field(None, description="restores / RAM-tier lookups that could have paid")
+    canonicalized_tokens: int = Field(0, description="kept tokens re-prefilled while idle so a next turn can reuse them")
+
+
 class Stats(BaseModel):
     active_requests: int
     steps: int = Field(description="llama_decode calls so far")
@@ -153,6 +188,7 @@ class Stats(BaseModel):
     tokens_generated: int
     decode_seconds: float
     medusa: MedusaReport | None = None
+    prompt_cache: PromptCacheReport | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -37,7 +37,8 @@ def lp(token: str, logprob: float | None) -> TokenLogprob:
 
 
 def fake_generate(request: httpx.Request) -> httpx.Response:
-    """Each request answers 'Hello world' per choice, or an error picked by its prompt."""
+    """Each request answers 'Hello world' per choice, or an error picked by its prompt. A prompt
+    (or last chat message) starting with 'again' found 2 of its 3 tokens in the prompt cache."""
     batch = GenerateBatch.model_validate_json(request.content)
     lines = []
     for r in batch.requests:
@@ -49,7 +50,9 @@ def fake_generate(request: httpx.Request) -> httpx.Response:
             lines.append(ErrorEvent(id=r.id, message="The model server is at capacity.", code="overloaded"))
             continue
         echo = (r.prompt if isinstance(r.prompt, str) else "<tokens>") if r.echo_prompt else None
-        lines.append(PromptEvent(id=r.id, prompt_tokens=3, text=echo,
+        text = r.prompt if isinstance(r.prompt, str) else (r.messages[-1].content if r.messages else "")
+        cached = 2 if text.startswith("again") else 0
+        lines.append(PromptEvent(id=r.id, prompt_tokens=3, cached_tokens=cached, text=echo,
                                  logprobs=[lp("<p>", None)] if r.prompt_logprobs else None))
         for i in range(r.n):
             for word in ("Hello", " world"):
@@ -72,6 +75,7 @@ async def api():
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
                 client.mock = mock
+                client.app = app
                 yield client
 
 
@@ -103,6 +107,7 @@ async def test_completion_shape_and_usage(api):
     assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
     assert all(ch.text == "Hello world" and ch.finish_reason == "length" for ch in c.choices)
     assert c.usage.prompt_tokens == 6 and c.usage.completion_tokens == 8 and c.usage.total_tokens == 14
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # present even when nothing was cached
 
 
 async def test_completion_logprobs_and_echo(api):
@@ -324,3 +329,37 @@ async def test_a_full_queue_is_429_with_retry_after_over_http():
 async def test_an_overloaded_model_server_becomes_429(api):
     assert_429(await api.post("/v1/completions", json={"model": MODEL, "prompt": "busy"}))
     assert_429(await api.post("/v1/completions", json={"model": MODEL, "prompt": "busy", "stream": True}))
+
+
+async def test_cached_prompt_tokens_are_reported_like_openai(api):
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": ["again a", "b", "again c"], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    c = Completion.model_validate(r.json())
+    assert c.usage.prompt_tokens == 9 and c.usage.prompt_tokens_details.cached_tokens == 4  # summed over prompts
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "again"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": ["again a", "again b"], "n": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "again"}], "n": 2}),
+])
+async def test_cached_prompt_tokens_in_the_streamed_usage_chunk(api, path, body):
+    r = await api.post(path, json={"model": MODEL, "stream": True, "stream_options": {"include_usage": True}} | body)
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    usage = chunks[-1]["usage"]
+    prompts = len(body.get("prompt", [None]))
+    assert chunks[-1]["choices"] == [] and usage["prompt_tokens"] == 3 * prompts
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 2 * prompts}
+
+
+async def test_the_batcher_knows_the_model_server_capacity_before_the_first_request(api):
+    batcher = api.app.state.batcher
+    seen = []
+    api.mock.routes["generate"].side_effect = lambda request: (seen.append(batcher.capacity), fake_generate(request))[1]
+    assert batcher.capacity is None  # nothing fetched /info yet
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 200, r.text
+    assert seen == [INFO.n_parallel]

@@ -22,3 +22,22 @@ def test_quick_benchmark_writes_its_report(tmp_path):
     assert "1 stream: ours over HTTP / engine in-process" in report["ratios"]
     assert (tmp_path / "comparison.md").read_text().startswith("Model ")
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_multiturn_benchmark_writes_its_report(tmp_path):
+    """bench.multiturn --quick: our stack only, one conversation of two turns (~7 s on an idle machine)."""
+    out = subprocess.run([sys.executable, "-m", "bench.multiturn", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "multiturn.json").read_text())
+    assert list(report["targets"]) == ["ours"] and report["think_ms"] == 0
+    run = report["targets"]["ours"]["scenarios"]["a"]
+    assert run["summary"]["requests"] == 2 and run["summary"]["errors"] == 0
+    t1, t2 = run["turns"]
+    assert (t1["turn"], t2["turn"]) == (1, 2) and t1["ttft_ms"] > 0 and t2["ttft_ms"] > 0
+    # turn 2 resends turn 1 and its answer: a longer prompt
+    assert t2["prompt_tokens"] > t1["prompt_tokens"] + t1["completion_tokens"]
+    if t2["cached_tokens"] is not None:
+        assert 0 <= t2["cached_tokens"] < t2["prompt_tokens"]
+    assert abs(run["summary"]["ratio_p50"] - t2["ttft_ms"] / t1["ttft_ms"]) < 0.01
+    assert (tmp_path / "multiturn.md").read_text().startswith("Model ")

@@ -9,7 +9,7 @@ import pytest
 
 from backend.config import BackendSettings
 from backend.local import run_requests
-from backend.server import ModelService
+from backend.runtime import ModelService
 from common.protocol import ChatMessage, GenerationRequest
 
 PROMPTS = [
@@ -39,18 +39,19 @@ def one(service, **kw):
 
 def logits_by_hand(service, tokens: list[int]) -> np.ndarray:
     """Every position's logits [len(tokens), n_vocab] (float64) for a prompt decoded in one batch on
-    the engine's own context, while the engine is idle (it has no work, so its thread only waits)."""
-    m = service.model
-    assert not service.engine._running and not service.engine._waiting
-    assert len(service.engine._free_seq_ids) == m.n_parallel
-    seq = 0
-    m.batch_clear()
-    for i, t in enumerate(tokens):
-        m.batch_add(t, i, seq, True)
-    assert m.decode() == 0
-    out = np.stack([m.logits(i).astype(np.float64) for i in range(len(tokens))])
-    m.seq_rm(seq)
-    return out
+    the engine's own context, on the engine thread between steps (Engine.call)."""
+    def by_hand(m):
+        seq = next(s.seq_id for s in service.engine.slots.slots if not s.busy)
+        m.seq_rm(seq)
+        m.batch_clear()
+        for i, t in enumerate(tokens):
+            m.batch_add(t, i, seq, True)
+        assert m.decode() == 0
+        out = np.stack([m.logits(i).astype(np.float64) for i in range(len(tokens))])
+        m.seq_rm(seq)
+        return out
+
+    return service.engine.call(by_hand)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -89,10 +90,13 @@ def test_long_prompts_prefilled_while_others_decode_match_alone(model_service):
     logprob of each (the exact numbers, not a tolerance) are those it gets alone."""
     m = model_service.model
     assert all(len(m.tokenize(p, True)) > 600 for p in LONG_PROMPTS)
-    mixed = [(PROMPTS[0], 40), (LONG_PROMPTS[0], 24), (PROMPTS[3], 48), (LONG_PROMPTS[1], 24), (PROMPTS[6], 30)]
-    alone = [one(model_service, prompt=p, max_tokens=n, logprobs=0).choices[0] for p, n in mixed]
+    # A fresh first line, so that the long prompts are prefilled cold (not from the prompt cache) in
+    # the concurrent run; the runs alone afterwards are served from the cache, exact as well.
+    fresh = f"Log {next(_ids)}.\n"
+    mixed = [(PROMPTS[0], 40), (fresh + LONG_PROMPTS[0], 24), (PROMPTS[3], 48), (fresh + LONG_PROMPTS[1], 24), (PROMPTS[6], 30)]
     reqs = [req(p, max_tokens=n, logprobs=0) for p, n in mixed]
     together = run_requests(model_service, reqs)
+    alone = [one(model_service, prompt=p, max_tokens=n, logprobs=0).choices[0] for p, n in mixed]
     # The long prompts really were prefilled while a short one decoded: it produced tokens meanwhile.
     first_long = together[reqs[1].id].choices[0].token_times[0]
     assert sum(first_long > t for t in together[reqs[0].id].choices[0].token_times) >= 3
@@ -108,8 +112,7 @@ def test_generation_to_the_context_end_matches_alone(model_service):
     A context of 512 and prompts of 400 tokens keep it short."""
     service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=512, n_parallel=2, threads=2,
                                            medusa_heads="none"))
-    service.load()
-    try:
+    with service:
         end_of_turn = service.model.tokenize("<end_of_turn>", add_special=False)
         assert len(end_of_turn) == 1 and service.model.is_eog(end_of_turn[0])
         eos = {service.model.eos: -100.0, end_of_turn[0]: -100.0}  # Gemma's two end tokens: run to the end
@@ -124,8 +127,6 @@ def test_generation_to_the_context_end_matches_alone(model_service):
             assert len(t.token_ids) + len(r.prompt) == 512
             assert t.token_ids == a.token_ids
             assert [e.logprob for e in t.logprobs] == [e.logprob for e in a.logprobs]
-    finally:
-        service.engine.shutdown()
 
 
 def test_seed_reproducible_and_seeds_differ(model_service):
@@ -213,7 +214,7 @@ def test_prompt_logprobs_for_echo(model_service):
 
 
 def test_prompt_logprobs_of_a_prompt_longer_than_one_logprobs_chunk(model_service):
-    from backend.engine import PROMPT_LOGPROBS_CHUNK
+    from backend.scheduler import PROMPT_LOGPROBS_CHUNK
 
     prompt = ("One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve, thirteen, fourteen, "
               "fifteen, sixteen, seventeen, eighteen, nineteen, twenty.")
@@ -352,4 +353,4 @@ def test_cancel_frees_the_slot(model_service):
     # All slots are free again: four requests run at once and finish.
     reqs = [req(p, max_tokens=4) for p in PROMPTS[:4]]
     assert all(res.choices[0].finish_reason == "length" for res in run_requests(model_service, reqs).values())
-    assert len(engine._free_seq_ids) == model_service.model.n_parallel
+    assert engine.slots.free == model_service.model.n_parallel

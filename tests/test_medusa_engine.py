@@ -16,7 +16,7 @@ import pytest
 from backend.config import BackendSettings
 from backend.local import run_requests
 from backend.medusa.init_heads import base_initialised_heads
-from backend.server import ModelService
+from backend.runtime import ModelService
 from common.protocol import GenerationRequest
 from tests.test_engine import LONG_PROMPTS
 
@@ -277,9 +277,8 @@ def test_figures_in_model_info_and_stats(medusa_service):
 
 
 def test_heads_for_another_model_are_refused(model_service, tmp_path):
-    from tests.test_medusa_units import fd_state
-
     from backend.medusa.heads import heads_from_state_dict
+    from tests.test_medusa_units import fd_state
 
     heads_from_state_dict(fd_state(n_heads=2, hidden=32, vocab=100)).save(tmp_path / "h.safetensors")
     service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=256, n_parallel=1,
@@ -327,3 +326,15 @@ def test_the_shipped_heads_are_found_and_keep_greedy_exact(model_service, plain_
         assert st.tokens / st.steps > 1.3  # trained heads: a good share of drafts accepted
     finally:
         service.engine.shutdown()
+
+
+def test_prompt_cache_with_medusa_is_plain_greedy(medusa_service, model_service):
+    """A conversation's next turn served from the prompt cache while Medusa speculates gives the
+    tokens plain decoding gives (the plain side: tests/test_prompt_cache.py proves it cold-exact)."""
+    first = run_one(medusa_service, prompt=LONG_PROMPTS[0], temperature=0.0, max_tokens=24)
+    follow = LONG_PROMPTS[0] + first.choices[0].text + " And then the youngest trader asked"
+    with Speculated(medusa_service) as ran:
+        warm = run_one(medusa_service, prompt=follow, temperature=0.0, max_tokens=40)
+    plain = run_one(model_service, prompt=follow, temperature=0.0, max_tokens=40)
+    assert warm.prompt.cached_tokens > 0 and ran.steps > 0
+    assert warm.choices[0].token_ids == plain.choices[0].token_ids

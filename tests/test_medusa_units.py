@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from backend.medusa.heads import HeadsError, heads_from_state_dict, load_heads
+from backend.medusa.planning import expected_tokens, plan
 from backend.medusa.tree import (
     TreeError,
-    accept_length,
     candidates,
     chain,
     load_tree,
@@ -17,7 +17,7 @@ from backend.medusa.tree import (
     typical_ok,
     validate,
 )
-from backend.medusa.planning import expected_tokens, plan
+from backend.medusa.verify import verify
 
 H, V = 16, 50
 
@@ -87,10 +87,20 @@ def test_a_path_gives_its_ranks_and_a_branching_tree_is_refused():
 
 
 def test_greedy_acceptance_is_the_longest_confirmed_prefix():
-    assert accept_length([5, 8, 9], [5, 8, 9]) == 3
-    assert accept_length([5, 8, 9], [5, 7, 9]) == 1
-    assert accept_length([5, 8, 9], [4, 8, 9]) == 0
-    assert accept_length([], [3]) == 0
+    def walk(draft, targets, finish_at=None):
+        taken = []
+
+        def choose_row(row):
+            taken.append(targets[row])
+            return targets[row], row == finish_at
+
+        return verify(draft, choose_row), taken
+
+    assert walk([5, 8, 9], [5, 8, 9, 4]) == (3, [5, 8, 9, 4])  # all confirmed: one more from the base
+    assert walk([5, 8, 9], [5, 7, 9, 4]) == (1, [5, 7])  # the first miss ends the walk with its token
+    assert walk([5, 8, 9], [4, 8, 9, 4]) == (0, [4])
+    assert walk([], [3]) == (0, [3])
+    assert walk([5, 8, 9], [5, 8, 9, 4], finish_at=1) == (2, [5, 8])  # the sequence ended (EOS, stop, limit)
 
 
 def test_typical_acceptance_keeps_likely_tokens_only():

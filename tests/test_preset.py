@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from backend.config import BackendSettings
 from backend.local import run_requests
 from backend.preset import PRESETS, PresetError, load_preset, prepare
-from backend.server import ModelService, create_app
+from backend.runtime import ModelService
+from backend.server import create_app
 from common.protocol import ChatMessage, GenerationRequest
 from tests.tiny_llama import hf_logits, make_fd_heads, make_hf_llama
 

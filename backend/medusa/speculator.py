@@ -71,8 +71,18 @@ class Speculator:
         self.fixed_max_streams = fixed_max_streams
         self.note = "tuning online" if costs else ""
 
+    @property
+    def on(self) -> bool:
+        """Whether the server speculates at all (the one place that says so; /info reports it)."""
+        return bool(self.ranks)
+
+    def disable(self, reason: str) -> None:
+        self.ranks, self.choices = [], []
+        self.note = reason
+        log.warning("medusa: %s", reason)
+
     def active_for(self, n_streams: int) -> bool:
-        return bool(self.ranks) and n_streams <= self.max_streams
+        return self.on and n_streams <= self.max_streams
 
     def drafts(self, hidden: np.ndarray) -> list[list[int]]:
         """One draft path per row of hidden states [B, H]."""
@@ -98,9 +108,7 @@ class Speculator:
         acceptance = [a or 0.0 for a in self.stats.as_dict()["per_head_acceptance"]]
         result = plan(acceptance, *self.costs)
         if not result["enabled"]:
-            self.ranks, self.choices = [], []
-            self.note = f"off after {self.stats.steps} steps: {result['reason']}"
-            log.warning("medusa: %s", self.note)
+            self.disable(f"off after {self.stats.steps} steps: {result['reason']}")
             return
         self.choices = [tuple(c) for c in result["choices"]]
         self.ranks = path_ranks(self.choices)

@@ -72,7 +72,6 @@ def training_prompts(limit: int, seed: int = 0) -> list[str]:
     pydoc topics and the standard library's docstrings), deduplicated and shuffled."""
     import importlib
     import inspect
-
     from pydoc_data.topics import topics
 
     rng = random.Random(seed)

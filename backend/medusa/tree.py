@@ -84,16 +84,6 @@ def candidates(proposals: np.ndarray, ranks: list[int]) -> list[int]:
     return [int(proposals[d, r]) for d, r in enumerate(ranks)]
 
 
-def accept_length(cands: list[int], targets: list[int]) -> int:
-    """How many candidates the target tokens confirm, in order (greedy acceptance)."""
-    n = 0
-    for c, t in zip(cands, targets):
-        if c != t:
-            break
-        n += 1
-    return n
-
-
 def typical_ok(logits: np.ndarray, token: int, temperature: float, epsilon: float, alpha: float) -> bool:
     """Medusa's typical acceptance: keep a candidate whose probability under the target (at this
     temperature) exceeds min(epsilon, alpha * exp(-entropy)). Faster, but not lossless: opt-in."""

@@ -29,7 +29,7 @@ from backend.medusa.planning import COST_KS, measure_costs, plan
 from backend.medusa.train import PROMPTS_FILE
 from backend.medusa.tree import chain
 from backend.model_files import resolve_model
-from backend.server import ModelService
+from backend.runtime import ModelService
 from common.protocol import GenerationRequest
 
 log = logging.getLogger("backend.medusa.tune")

@@ -1,0 +1,93 @@
+"""Admits requests to slots and composes each engine step: which sequences decode one token, which
+verify a Medusa draft, which prompt chunk runs, and, when there is nothing else, which idle chunk
+re-prefills a finished conversation so its next turn hits the cache.
+
+Why the step has separate decodes (and never mixes a prompt chunk with single tokens): llama.cpp's
+CPU kernels give a token other logits when another sequence's multi-token chunk shares its ubatch,
+so greedy output would depend on load. Single tokens of distinct sequences go in one decode in
+sequence-id order (llama.cpp splits out-of-order ids into one ubatch each), a Medusa draft in its
+sequence's own decode, a prompt chunk alone on its schedule (backend/decode_plan.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from backend.sequence import Request, Sequence
+from backend.slots import Slot, SlotManager
+
+PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
+
+
+@dataclass
+class StepPlan:
+    speculative: list[Sequence] = field(default_factory=list)  # each verifies its draft in its own decode
+    plain: list[Sequence] = field(default_factory=list)  # one token each, one decode, sequence-id order
+    prefill: tuple[Request, int, int] | None = None  # request, chunk start, chunk end
+    idle: tuple[Slot, list[int], int, int] | None = None  # slot, its tokens, chunk start, chunk end
+    speculate: bool = False  # Medusa runs this step: plain decodes also draft for the next one
+
+    @property
+    def empty(self) -> bool:
+        return not (self.speculative or self.plain or self.prefill or self.idle)
+
+
+class Scheduler:
+    def __init__(self, slots: SlotManager, prefill_chunk: int):
+        self.slots = slots
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def admit(self) -> None:
+        """In arrival order, while the oldest waiting request finds its slots."""
+        while self.waiting:
+            req = self.waiting[0]
+            logprobs = req.prep.req.prompt_logprobs
+            got = self.slots.admit(
+                req.tokens, req.prep.req.n, cacheable=not logprobs,
+                chunk=PROMPT_LOGPROBS_CHUNK if logprobs else self.prefill_chunk,
+            )
+            if got is None:
+                return
+            self.waiting.popleft()
+            req.bind(got.slots, self.slots.model, got.reuse, got.ends)
+            self.running.append(req)
+
+    def plan(self, speculate_for) -> StepPlan:
+        """speculate_for(n): whether Medusa runs while n sequences decode (None: no Medusa)."""
+        decoding = sorted((s for r in self.running if r.decoding for s in r.seqs if not s.finished), key=lambda s: s.seq_id)
+        step = StepPlan()
+        speculate = step.speculate = speculate_for is not None and speculate_for(len(decoding))
+        for seq in decoding:
+            if speculate and seq.draft:
+                step.speculative.append(seq)
+            else:
+                seq.draft = [] if not speculate else seq.draft  # stale by the time speculation resumes
+                step.plain.append(seq)
+        req = next((r for r in self.running if not r.decoding), None)
+        if req is not None:
+            step.prefill = (req, req.prefilled, req.chunk_ends[0])
+        elif not decoding and not self.waiting:
+            step.idle = self.slots.idle_chunk()
+        return step
+
+    def retire(self) -> list[Request]:
+        """Drop finished requests from the running list; returns them."""
+        done = [r for r in self.running if r.finished]
+        self.running = [r for r in self.running if not r.finished]
+        return done
+
+    def remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)

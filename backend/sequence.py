@@ -1,0 +1,127 @@
+"""A request and its sequences (one per choice): everything that is per-request state.
+
+A `Sequence` owns its sampler, its text stream (UTF-8 and stop strings), its limits, its logprob
+setting and its position, and turns each chosen token into protocol events. A `Request` holds its n
+sequences, the prompt and how far it is prefilled, and the sink its events go to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.llama_model import LlamaModel
+from backend.logprobs import token_logprob
+from backend.prepare import PreparedRequest
+from backend.sampling import Sampler
+from backend.slots import Slot
+from backend.text_stream import TextStream
+from common.protocol import DeltaEvent, DoneEvent, FinishReason, TokenLogprob
+
+Sink = Callable[[list], None]  # receives a list of protocol events; must be thread-safe
+
+
+class Sequence:
+    def __init__(self, request: "Request", index: int, slot: Slot, model: LlamaModel):
+        prep = request.prep
+        self.request = request
+        self.index = index  # choice index
+        self.slot = slot
+        self.model = model
+        self.sampler = Sampler(prep.sampling, model.n_vocab, seed_offset=index)
+        self.text = TextStream(prep.req.stop)
+        self.max_tokens = prep.max_tokens
+        self.n_ctx = model.n_ctx_per_seq
+        self.top_logprobs = prep.req.logprobs  # None: no logprobs
+        self.ignore_eos = prep.req.ignore_eos
+        self.tokens: list[int] = []  # generated
+        self.n_past = len(prep.tokens) - 1  # position of last_token: cells exist below it
+        self.last_token = prep.tokens[-1]
+        self.draft: list[int] = []  # Medusa's guesses for the tokens after last_token
+        self.finished = False
+
+    @property
+    def seq_id(self) -> int:
+        return self.slot.seq_id
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
+
+    def kept_tokens(self) -> list[int]:
+        """The tokens whose cells this sequence's slot holds (the last chosen token has none yet)."""
+        if not self.request.decoding:  # cancelled while prefilling: the cells written so far
+            return list(self.slot.tokens)
+        return (self.request.prep.tokens + self.tokens)[: self.n_past]
+
+    def choose(self, row: int, forced: int | None = None) -> int:
+        """The next token from output row `row` of the last decode (or `forced`, recorded in the
+        sampler's penalty history as if sampled)."""
+        if forced is not None:
+            self.sampler.accept(forced)
+            return forced
+        return self.sampler.sample(self.model.ctx, row, self.model.logits(row))
+
+    def take(self, token: int, logits: np.ndarray) -> list:
+        """Add a chosen token (sampled from `logits`): the events it produces."""
+        self.tokens.append(token)
+        self.n_past += 1
+        self.last_token = token
+        if self.model.is_eog(token) and not self.ignore_eos:
+            return self.finish("stop")
+        text, stopped = self.text.push(self.model.token_bytes(token))
+        lp: list[TokenLogprob] | None = None
+        if self.top_logprobs is not None:
+            lp = [token_logprob(self.model, logits, token, self.top_logprobs)]
+        events = [DeltaEvent(id=self.request.id, index=self.index, text=text, token_ids=[token], logprobs=lp)]
+        if stopped:
+            events += self.finish("stop", flush=False)
+        elif self.generated >= self.max_tokens or self.n_past >= self.n_ctx:
+            events += self.finish("length")
+        return events
+
+    def finish(self, reason: FinishReason, flush: bool = True) -> list:
+        events = []
+        if flush and reason != "cancelled":
+            tail = self.text.flush()
+            if tail:
+                events.append(DeltaEvent(id=self.request.id, index=self.index, text=tail, token_ids=[]))
+        self.finished = True
+        self.sampler.close()
+        events.append(DoneEvent(id=self.request.id, index=self.index, finish_reason=reason, completion_tokens=self.generated))
+        return events
+
+
+@dataclass
+class Request:
+    prep: PreparedRequest
+    sink: Sink
+    seqs: list[Sequence] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens whose cells exist (reused or prefilled)
+    chunk_ends: list[int] = field(default_factory=list)  # prompt chunks still to prefill
+    cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.prep.req.id
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prep.tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prep.tokens)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.seqs) and all(s.finished for s in self.seqs)
+
+    def bind(self, slots: list[Slot], model: LlamaModel, reuse: int, chunk_ends: list[int]) -> None:
+        """The request got its slots: one sequence per choice, the first prefills."""
+        self.seqs = [Sequence(self, i, slot, model) for i, slot in enumerate(slots)]
+        self.prefilled = self.cached_tokens = reuse
+        self.chunk_ends = list(chunk_ends)

@@ -1,0 +1,228 @@
+"""KV slots that outlive requests: the prompt cache.
+
+A slot is one llama.cpp sequence id, i.e. one KV stream (README, "The engine"). When a request ends,
+its slot keeps its cells and the tokens they hold; the next request takes the free slot that lets it
+reuse the most, drops the cells past the reusable part and prefills only the rest. Slots whose cells
+would be dropped can be saved first into the RAM tier (backend/ram_tier.py) and restored later.
+
+Which cells are reusable is the exactness rule (backend/decode_plan.py): in `exact` mode only tiled
+cells (written by prompt chunks of >= 64 rows), the ones a cold prefill computes identically, so a
+request served from the cache gives token for token what it gives on a fresh server. The tokens a
+request generated (written by one-token decode steps) are re-prefilled as tiled cells when the engine
+is idle, so a conversation's next turn reuses them too. `fast` mode reuses every cell (as
+llama-server does; its measured difference is in the README); `off` keeps nothing.
+
+This module owns the slots and the RAM tier; the engine thread is its only caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from backend.decode_plan import TILED_FROM_ROWS, cold_chunks, fast_plan, reuse_plan, tiled_chunks
+from backend.llama_model import LlamaModel
+from backend.ram_tier import RamTier, common_prefix
+from common.protocol import PromptCacheReport
+
+log = logging.getLogger("backend.slots")
+
+CacheMode = Literal["exact", "fast", "off"]
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # the tokens whose cells the stream holds, from position 0
+    tiled: int = 0  # how many leading cells are tiled (exact reuse)
+    pending: list[int] = field(default_factory=list)  # exact mode: tokens after the cells, to re-prefill when idle
+    last_used: int = 0
+    busy: bool = False
+
+
+@dataclass
+class Admission:
+    slots: list[Slot]  # the request's choices, the one that prefills first
+    reuse: int  # prompt tokens whose cells are reused
+    ends: list[int]  # the end of each prompt chunk still to prefill
+
+
+def pick_slot(free: list[tuple[int, int, int]], busy: set[int]) -> int:
+    """The slot a request takes. free: (sequence id, prompt tokens it would reuse, last use).
+    Most reuse first; then, among ties and misses, a slot next to a busy one (llama.cpp decodes only
+    runs of consecutive sequence ids together: ids 0,1,2,3 take 29 ms a step, 0,2,5,7 77 ms); then
+    the least recently used, so the most recent conversations stay cached."""
+
+    def key(c: tuple[int, int, int]) -> tuple:
+        seq_id, reuse, last_used = c
+        packed = not busy or seq_id - 1 in busy or seq_id + 1 in busy
+        return reuse, packed, -last_used
+
+    return max(free, key=key)[0]
+
+
+class SlotManager:
+    def __init__(self, model: LlamaModel, mode: CacheMode, chunk: int, ram_bytes: int):
+        self.model = model
+        self.mode = mode
+        self.chunk = chunk
+        self.slots = [Slot(i) for i in range(model.n_parallel)]
+        self.ram = RamTier(ram_bytes) if mode != "off" and ram_bytes > 0 else None
+        self._clock = 0
+        self.report = PromptCacheReport(mode=mode, ram_capacity_bytes=ram_bytes if self.ram is not None else 0)
+
+    @property
+    def free(self) -> int:
+        return sum(not s.busy for s in self.slots)
+
+    # --- admission --------------------------------------------------------------------------------
+    def admit(self, prompt: list[int], n: int, cacheable: bool, chunk: int) -> Admission | None:
+        """Slots for a request of n choices, or None while too few are free. cacheable: False for
+        requests whose prompt chunks follow another schedule (prompt logprobs)."""
+        free = [s for s in self.slots if not s.busy]
+        if len(free) < n:
+            return None
+        use = cacheable and self.mode != "off"
+        arr = np.asarray(prompt, np.int32)
+
+        def plan(cached: int) -> tuple[int, list[int]]:
+            if not use:
+                return 0, cold_chunks(len(prompt), chunk)
+            return (reuse_plan if self.mode == "exact" else fast_plan)(len(prompt), cached, chunk)
+
+        reuse_of = {s.seq_id: plan(self._shared(s, arr))[0] for s in free}
+        busy = {s.seq_id for s in self.slots if s.busy}
+        main = self.slots[pick_slot([(s.seq_id, reuse_of[s.seq_id], s.last_used) for s in free], busy)]
+        ram_key, ram_shared = None, 0
+        if use and self.ram is not None:
+            self.ram.lookups += 1
+            ram_key, ram_shared = self.ram.best(arr, self._restorable)
+        if ram_key is not None and plan(ram_shared)[0] > reuse_of[main.seq_id]:
+            # Restore into a slot picked as for a miss; its own cells go to the RAM tier first.
+            main = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in free], busy)]
+            self._evict(main, keep=0)
+            saved = self.ram.get(ram_key)
+            if self.model.state_restore(saved.state, main.seq_id):
+                main.tokens = saved.tokens.tolist()
+                main.tiled = len(main.tokens) if self.mode == "exact" else 0
+                self.report.ram_restores += 1
+            else:
+                log.warning("restoring a saved prompt state failed; prefilling instead")
+        reuse, ends = plan(self._shared(main, arr))
+        self._evict(main, keep=reuse)
+        chosen = [main]
+        busy.add(main.seq_id)
+        while len(chosen) < n:  # the other choices get the prompt's cells copied after its prefill
+            rest = [s for s in free if s not in chosen]
+            other = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in rest], busy)]
+            self._evict(other, keep=0)
+            chosen.append(other)
+            busy.add(other.seq_id)
+        for s in chosen:
+            s.busy = True
+            self._clock += 1
+            s.last_used = self._clock
+        if use:
+            r = self.report
+            r.queries += 1
+            r.hits += reuse > 0
+            r.tokens_reused += reuse
+            r.tokens_prefilled += len(prompt) - reuse
+        return Admission(chosen, reuse, ends)
+
+    @property
+    def _restorable(self) -> int:
+        """The longest saved state a restore may bring back. Measured (tests/test_prompt_cache.py):
+        restored states are bit-exact on attention layers, but a sliding-window layer's saved state
+        holds only the window's cells, which a restore lays out at other cell indices: past the
+        window (Gemma 3: 512 positions) the logits then differ (~1.5). Exact mode restores only
+        states within the window on such models; fast mode restores any."""
+        if self.mode == "exact" and self.model.n_swa > 0:
+            return self.model.n_swa
+        return 1 << 62
+
+    def _shared(self, slot: Slot, prompt: np.ndarray) -> int:
+        """Prompt tokens whose cells in this slot may be reused (before the exactness plan)."""
+        usable = slot.tiled if self.mode == "exact" else len(slot.tokens)
+        return min(usable, common_prefix(np.asarray(slot.tokens[:usable], np.int32), prompt))
+
+    def _evict(self, slot: Slot, keep: int) -> None:
+        """Drop the slot's cells past `keep`, saving its reusable cells to the RAM tier first when
+        what goes is worth a prompt chunk and is not saved yet."""
+        usable = slot.tiled if self.mode == "exact" else len(slot.tokens)
+        if self.ram is not None and usable - keep >= self.chunk:
+            usable = min(usable, self._restorable)
+            tokens = np.asarray(slot.tokens[:usable], np.int32)
+            if usable - keep >= self.chunk and not self.ram.covers(tokens):
+                self.model.seq_rm(slot.seq_id, usable, -1)
+                if self.ram.put(tokens, self.model.state_save(slot.seq_id)):
+                    self.report.ram_saves += 1
+        self.model.seq_rm(slot.seq_id, keep, -1)
+        del slot.tokens[keep:]
+        slot.tiled = min(slot.tiled, keep)
+        slot.pending = []
+
+    # --- while a request runs ---------------------------------------------------------------------
+    def prefilled(self, slot: Slot, tokens: list[int], start: int, end: int) -> None:
+        """Cells [start, end) of `tokens` were written by one prompt chunk."""
+        slot.tokens = tokens[:end]
+        if end - start >= TILED_FROM_ROWS and slot.tiled == start:
+            slot.tiled = end
+
+    def copy(self, src: Slot, dst: Slot) -> None:
+        """Another choice of the same prompt: copy the prompt's cells instead of prefilling again."""
+        self.model.seq_cp(src.seq_id, dst.seq_id)
+        dst.tokens = list(src.tokens)
+        dst.tiled = src.tiled
+
+    def release(self, slot: Slot, kept: list[int]) -> None:
+        """A request ended; its cells hold `kept` (prompt and generated tokens) and stay as cache."""
+        slot.busy = False
+        if self.mode == "off":
+            self.reset(slot)
+            return
+        keep = min(slot.tiled, len(kept)) if self.mode == "exact" else len(kept)
+        self.model.seq_rm(slot.seq_id, keep, -1)
+        slot.tokens = kept[:keep]
+        slot.tiled = keep if self.mode == "exact" else 0
+        slot.pending = kept[keep:] if self.mode == "exact" else []
+
+    def reset(self, slot: Slot) -> None:
+        """Forget a slot's cells (after a failure, or when the context was used by hand)."""
+        self.model.seq_rm(slot.seq_id)
+        slot.tokens, slot.tiled, slot.pending, slot.busy = [], 0, [], False
+
+    # --- idle work --------------------------------------------------------------------------------
+    def has_idle_work(self) -> bool:
+        return any(s.pending and not s.busy for s in self.slots)
+
+    def idle_chunk(self) -> tuple[Slot, list[int], int, int] | None:
+        """Exact mode, nothing else to do: the next chunk that turns a free slot's generated tokens
+        into tiled cells (most recently used slot first): (slot, its tokens, start, end)."""
+        for slot in sorted((s for s in self.slots if s.pending and not s.busy), key=lambda s: -s.last_used):
+            tokens = slot.tokens + slot.pending
+            if len(tokens) < TILED_FROM_ROWS:
+                slot.pending = []
+                continue
+            start, ends = tiled_chunks(slot.tiled, len(tokens), self.chunk)
+            if start < slot.tiled:
+                self.model.seq_rm(slot.seq_id, start, -1)
+                slot.tokens, slot.tiled = tokens[:start], start
+                slot.pending = tokens[start:]
+            return slot, tokens, start, ends[0]
+        return None
+
+    def idle_done(self, slot: Slot, tokens: list[int], start: int, end: int) -> None:
+        self.prefilled(slot, tokens, start, end)
+        slot.pending = tokens[end:]
+        self.report.canonicalized_tokens += end - start
+
+    def stats(self) -> PromptCacheReport:
+        r = self.report
+        if self.ram is not None:
+            r.ram_entries, r.ram_bytes = len(self.ram), self.ram.bytes
+            r.ram_hit_rate = round(self.ram.restores / self.ram.lookups, 4) if self.ram.lookups else None
+        return r.model_copy()

@@ -1,0 +1,206 @@
+"""The prompt cache: its plans as pure functions, the measured fact it rests on, and exactness on the
+real default model (a request served from the cache gives token for token, logprob for logprob,
+what it gives on a server without one)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from backend.config import BackendSettings
+from backend.decode_plan import TILED_FROM_ROWS, cold_chunks, reuse_plan, tiled_chunks, tiled_end
+from backend.local import run_requests
+from backend.ram_tier import RamTier, common_prefix
+from backend.runtime import ModelService
+from backend.slots import pick_slot
+from common.protocol import GenerationRequest
+from tests.test_engine import LONG_PROMPTS
+
+_ids = iter(range(10**9))
+
+
+# --- plans, without a model ----------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [64, 100, 256])
+def test_reuse_plan_computes_every_cell_as_a_cold_prefill_would(chunk):
+    rng = random.Random(chunk)
+    for _ in range(3000):
+        n = rng.randint(1, 1500)
+        cached = rng.randint(0, n + 10)
+        reuse, ends = reuse_plan(n, cached, chunk)
+        cold, tiled = cold_chunks(n, chunk), tiled_end(n, chunk)
+        assert 0 <= reuse <= min(cached, n - 1) and ends[-1] == n
+        starts = [reuse] + ends[:-1]
+        assert all(a < b for a, b in zip(starts, ends))
+        for a, b in zip(starts, ends):
+            assert b - a <= max(chunk, 2 * TILED_FROM_ROWS - 1)  # fits BATCH_SIZE (config checks it)
+            if b <= tiled:
+                assert b - a >= TILED_FROM_ROWS  # tiled cells come from tiled chunks
+        if tiled < n:  # a short last chunk runs exactly as in the cold schedule
+            assert (starts[-1], ends[-1]) == ((cold[-2] if len(cold) > 1 else 0), n)
+        if reuse == 0:
+            assert ends == cold
+
+
+def test_reuse_plan_examples():
+    assert reuse_plan(1994, 1900, 256) == (1900, [1994])  # a next turn: only the new rows
+    assert reuse_plan(1950, 1930, 256) == (1886, [1950])  # at least 64 rows: back off
+    assert reuse_plan(2060, 2055, 256) == (2048, [2060])  # a 12-row last chunk, as a cold prefill runs it
+    assert reuse_plan(2060, 1000, 256) == (1000, [1209, 1419, 1628, 1838, 2048, 2060])
+    assert reuse_plan(40, 39, 256) == (0, [40])  # one short chunk: nothing tiled to reuse
+    assert reuse_plan(600, 600, 32) == (0, cold_chunks(600, 32))  # chunks below 64 rows: nothing reusable
+    assert tiled_chunks(100, 130, 256) == (66, [130])
+
+
+def test_pick_slot_prefers_reuse_then_packed_ids_then_least_recent():
+    assert pick_slot([(0, 0, 5), (1, 700, 9), (2, 0, 1)], busy=set()) == 1
+    assert pick_slot([(0, 0, 5), (2, 0, 1)], busy=set()) == 2  # least recently used
+    assert pick_slot([(0, 0, 5), (3, 0, 1)], busy={1}) == 0  # keeps ids 0,1 packed
+    assert pick_slot([(0, 64, 5), (3, 0, 1)], busy={2}) == 0  # reuse first
+
+
+def test_ram_tier_keeps_the_longest_prefix_within_its_bytes():
+    tier = RamTier(capacity_bytes=300)
+    a, b = np.arange(100, dtype=np.int32), np.arange(50, 150, dtype=np.int32)
+    assert tier.put(a, np.zeros(100, np.uint8)) and tier.put(b, np.zeros(100, np.uint8))
+    assert not tier.put(a[:60], np.zeros(10, np.uint8))  # already held
+    prompt = np.concatenate([a[:80], [7, 7]]).astype(np.int32)
+    key, shared = tier.best(prompt)
+    assert shared == 80 and tier.get(key).tokens is not None
+    assert tier.put(np.concatenate([a, [1, 2]]).astype(np.int32), np.zeros(120, np.uint8))  # replaces a
+    assert len(tier) == 2 and tier.bytes == 220
+    assert tier.put(np.arange(500, 600, dtype=np.int32), np.zeros(150, np.uint8))  # evicts the least recent (b)
+    assert tier.best(b)[1] == 0 and tier.bytes <= 300
+    assert not tier.put(np.arange(9, dtype=np.int32), np.zeros(301, np.uint8))
+    assert common_prefix(np.array([1, 2, 3]), np.array([1, 2])) == 2
+
+
+# --- the fact: tiled cells do not depend on the chunking --------------------------------------------
+def test_tiled_cells_do_not_depend_on_chunk_length_or_start(model_service):
+    """The rule the cache rests on, measured on the real model: a prompt prefilled in chunks of 64+
+    rows on any boundaries gives bit-identical logits; chunks under 64 rows give other numbers."""
+    tokens = model_service.model.tokenize(LONG_PROMPTS[0] + LONG_PROMPTS[1], True)[:700]
+
+    def prefill(sizes):
+        def run(m):
+            seq = next(s.seq_id for s in model_service.engine.slots.slots if not s.busy)
+            m.seq_rm(seq)
+            pos = 0
+            for n in sizes:
+                m.batch_clear()
+                for p in range(pos, pos + n):
+                    m.batch_add(tokens[p], p, seq, p == len(tokens) - 1)
+                assert m.decode() == 0
+                pos += n
+            out = m.logits(sizes[-1] - 1).astype(np.float64).copy()
+            m.seq_rm(seq)
+            return out
+        return model_service.engine.call(run)
+
+    cold = prefill([256, 256, 188])
+    assert np.array_equal(prefill([100, 300, 64, 236]), cold)
+    assert np.array_equal(prefill([64] * 9 + [124]), cold)
+    assert not np.array_equal(prefill([40] * 17 + [20]), cold)  # per-row path: other numbers
+
+
+# --- exactness on the real model ------------------------------------------------------------------
+def _turn(service, prompt: str, max_tokens: int = 16):
+    r = GenerationRequest(id=f"c{next(_ids)}", prompt=prompt, temperature=0.0, max_tokens=max_tokens, logprobs=0)
+    return r, run_requests(service, [r])[r.id]
+
+
+@pytest.fixture(scope="module")
+def cold_service(model_service):
+    """The same model without a prompt cache: what a fresh server computes."""
+    with ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=4, threads=2,
+                                      medusa_heads="none", prompt_cache="off")) as service:
+        yield service
+
+
+def _same(a, b) -> None:
+    ca, cb = a.choices[0], b.choices[0]
+    assert ca.token_ids == cb.token_ids
+    assert [e.logprob for e in ca.logprobs] == [e.logprob for e in cb.logprobs]
+
+
+def _conversation(system: str, turn: int, answers: list[str]) -> str:
+    text = system
+    for k, answer in enumerate(answers):
+        text += f"\nUser: question {k} about the text?\nAssistant:{answer}"
+    return text + f"\nUser: question {turn} about the text?\nAssistant:"
+
+
+def test_multi_turn_conversation_is_exact_and_reuses(model_service, cold_service):
+    system = LONG_PROMPTS[0]
+    answers: list[str] = []
+    cached = []
+    for turn in range(4):
+        prompt = _conversation(system, turn, answers)
+        _, warm = _turn(model_service, prompt)
+        _, cold = _turn(cold_service, prompt)
+        _same(warm, cold)
+        assert cold.prompt.cached_tokens == 0
+        cached.append((warm.prompt.cached_tokens, warm.prompt.prompt_tokens))
+        answers.append(warm.choices[0].text)
+    # Turns >= 2 reuse all but a few dozen tokens: the earlier answers were re-prefilled while idle.
+    for reused, total in cached[1:]:
+        assert total - reused <= 2 * TILED_FROM_ROWS, cached
+    assert model_service.engine.slots.stats().canonicalized_tokens > 0
+
+
+def test_concurrent_conversations_and_n_choices_are_exact(model_service, cold_service):
+    systems = [LONG_PROMPTS[0], LONG_PROMPTS[1], "Notes. " + LONG_PROMPTS[1], LONG_PROMPTS[0][:1500]]
+    answers = [[] for _ in systems]
+    for turn in range(3):
+        prompts = [_conversation(s, turn, a) for s, a in zip(systems, answers)]
+        reqs = [GenerationRequest(id=f"c{next(_ids)}", prompt=p, temperature=0.0, max_tokens=12, logprobs=0) for p in prompts]
+        together = run_requests(model_service, reqs)
+        for r, ans in zip(reqs, answers):
+            _, cold = _turn(cold_service, r.prompt, max_tokens=12)
+            got = together[r.id]
+            _same(got, cold)
+            ans.append(got.choices[0].text)
+        if turn:
+            assert all(together[r.id].prompt.cached_tokens > 0 for r in reqs)
+    # n > 1 from the cache: prefilled once, copied, each choice what the seeded single request gives.
+    prompt = _conversation(systems[0], 3, answers[0])
+    r = GenerationRequest(id=f"c{next(_ids)}", prompt=prompt, temperature=1.0, seed=11, n=3, max_tokens=10)
+    warm = run_requests(model_service, [r])[r.id]
+    assert warm.prompt.cached_tokens > 0
+    for i in range(3):
+        single = GenerationRequest(id=f"c{next(_ids)}", prompt=prompt, temperature=1.0, seed=11 + i, max_tokens=10)
+        assert run_requests(cold_service, [single])[single.id].choices[0].token_ids == warm.choices[i].token_ids
+
+
+def test_ram_tier_serves_sixteen_conversations_over_four_slots(model_service, cold_service):
+    """16 conversations rotating over 4 slots: each one's next turn finds its cells in the RAM tier,
+    and gives what a fresh server gives. (~350-token prompts: on Gemma 3 exact mode restores states
+    within its 512-position sliding window only, backend/slots.py.)"""
+    systems = [f"Record {i}: " + LONG_PROMPTS[i % 2][i * 7:i * 7 + 1500] for i in range(16)]
+    firsts = {}
+    for i, s in enumerate(systems):
+        _, res = _turn(model_service, _conversation(s, 0, []))
+        firsts[i] = res.choices[0].text
+    before = model_service.engine.slots.stats()
+    for i, s in enumerate(systems):
+        prompt = _conversation(s, 1, [firsts[i]])
+        _, warm = _turn(model_service, prompt)
+        _, cold = _turn(cold_service, prompt)
+        _same(warm, cold)
+        assert warm.prompt.cached_tokens >= 256, (i, warm.prompt)
+    after = model_service.engine.slots.stats()
+    assert after.ram_restores - before.ram_restores >= 12  # at most 4 of 16 still sat in a slot
+    assert after.ram_bytes <= after.ram_capacity_bytes
+
+
+def test_fast_mode_reuses_every_cell(model_service):
+    """PROMPT_CACHE=fast reuses the cells of generated tokens too: only the new message is prefilled."""
+    with ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=2, threads=2,
+                                      medusa_heads="none", prompt_cache="fast")) as service:
+        prompt = _conversation(LONG_PROMPTS[1], 0, [])
+        _, first = _turn(service, prompt)
+        follow = _conversation(LONG_PROMPTS[1], 1, [first.choices[0].text])
+        _, second = _turn(service, follow)
+        assert second.prompt.prompt_tokens - second.prompt.cached_tokens < 40
+        assert service.stats().prompt_cache.mode == "fast"
