@@ -71,7 +71,8 @@ class Scheduler:
             if speculate and seq.draft:
                 step.speculative.append(seq)
             else:
-                seq.draft = [] if not speculate else seq.draft  # stale by the time speculation resumes
+                if not speculate:
+                    seq.draft = []  # stale by the time speculation resumes
                 step.plain.append(seq)
         req = next((r for r in self.running if not r.decoding), None)
         if req is not None:

@@ -108,7 +108,6 @@ class SlotManager:
             if self.model.state_restore(saved.state, main.seq_id):
                 main.tokens = saved.tokens.tolist()
                 main.tiled = len(main.tokens) if self.mode == "exact" else 0
-                self.report.ram_restores += 1
             else:
                 log.warning("restoring a saved prompt state failed; prefilling instead")
         reuse, ends = plan(self._shared(main, arr))
@@ -153,10 +152,10 @@ class SlotManager:
         """Drop the slot's cells past `keep`, saving its reusable cells to the RAM tier first when
         what goes is worth a prompt chunk and is not saved yet."""
         usable = slot.tiled if self.mode == "exact" else len(slot.tokens)
+        usable = min(usable, self._restorable)
         if self.ram is not None and usable - keep >= self.chunk:
-            usable = min(usable, self._restorable)
             tokens = np.asarray(slot.tokens[:usable], np.int32)
-            if usable - keep >= self.chunk and not self.ram.covers(tokens):
+            if not self.ram.covers(tokens):
                 self.model.seq_rm(slot.seq_id, usable, -1)
                 if self.ram.put(tokens, self.model.state_save(slot.seq_id)):
                     self.report.ram_saves += 1
@@ -223,6 +222,6 @@ class SlotManager:
     def stats(self) -> PromptCacheReport:
         r = self.report
         if self.ram is not None:
-            r.ram_entries, r.ram_bytes = len(self.ram), self.ram.bytes
+            r.ram_entries, r.ram_bytes, r.ram_restores = len(self.ram), self.ram.bytes, self.ram.restores
             r.ram_hit_rate = round(self.ram.restores / self.ram.lookups, 4) if self.ram.lookups else None
         return r.model_copy()
