@@ -11,7 +11,7 @@ from openai.types.completion_choice import Logprobs
 from app.errors import InvalidRequest
 from app.generation import Generation, new_request_id, sampling_kwargs
 from app.schemas import CompletionRequest
-from common.protocol import DeltaEvent, DoneEvent, GenerationRequest, TokenLogprob
+from common.protocol import DeltaEvent, DoneEvent, GenerationRequest, Grammar, TokenLogprob
 
 
 def build_requests(req: CompletionRequest) -> list[GenerationRequest]:
@@ -21,6 +21,8 @@ def build_requests(req: CompletionRequest) -> list[GenerationRequest]:
     if not prompts:
         raise InvalidRequest("'prompt' must not be empty.", param="prompt")
     wants_logprobs = req.logprobs is not None
+    schema = req.response_format.schema_or_none() if req.response_format is not None else None
+    grammar = Grammar(type="json_schema", value=schema, param="response_format") if schema is not None else None
     return [
         GenerationRequest(
             id=new_request_id(),
@@ -29,6 +31,7 @@ def build_requests(req: CompletionRequest) -> list[GenerationRequest]:
             logprobs=req.logprobs,
             echo_prompt=bool(req.echo),
             prompt_logprobs=bool(req.echo) and wants_logprobs,
+            grammar=grammar,
             **sampling_kwargs(req),
         )
         for prompt in prompts

@@ -1,16 +1,27 @@
 """Renders chat messages into a prompt with the GGUF's Jinja chat template, or a named fallback.
 
-Fallbacks are chosen by the model's architecture and name when the GGUF carries no template
-(`tokenizer.chat_template`), and can be forced with CHAT_TEMPLATE (a fallback name or a file path).
+Fallbacks are chosen by the model's kind when the GGUF carries no template (`tokenizer.chat_template`):
+a base model (no instruction-tuning in its name) gets a plain transcript it can continue ("User: ...
+Assistant:", stopping at the next "User:" line); an instruction-tuned family its own turn format.
+CHAT_TEMPLATE forces one (a fallback name or a file path).
+
+Tools reach the model through the template when it renders `tools` (Jinja, Hugging Face's
+convention); otherwise through the generic format of common/tool_format.py: the tool list in the
+system turn, earlier calls as the JSON the model would have written, tool results as user turns.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from common import tool_format
+from common.protocol import ToolCall, ToolDefinition
 
 # Gemma's turn format; Gemma has no system role, so system text opens the next user turn.
 GEMMA = (
@@ -44,7 +55,23 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-FALLBACKS = {"gemma": GEMMA, "vicuna": VICUNA, "chatml": CHATML}
+# A transcript a base model continues sensibly (no special tokens it was never trained on).
+TRANSCRIPT = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m.role in ('system', 'developer') %}{{ m.content }}\n\n"
+    "{% elif m.role == 'user' %}User: {{ m.content }}\n"
+    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+FALLBACKS = {"gemma": GEMMA, "vicuna": VICUNA, "chatml": CHATML, "transcript": TRANSCRIPT}
+# Stop strings a fallback's turns need on top of the request's (a base model writes the next turn).
+FALLBACK_STOPS = {"transcript": ("\nUser:",)}
+
+# Words in a GGUF's name or fine-tune field that say it was tuned to follow a chat format.
+_TUNED = re.compile(r"(?:^|[^a-z])(?:it|instruct|chat|sft|dpo|rlhf|vicuna)(?:[^a-z]|$)")
 
 
 class ChatTemplateError(ValueError):
@@ -55,20 +82,35 @@ class ChatTemplateError(ValueError):
 class ChatTemplate:
     source: str  # "gguf", a fallback name, or a file path
     text: str
+    stop: tuple[str, ...] = ()  # stop strings every chat request gets with this template
 
-    def render(self, messages: list[dict], bos_token: str, eos_token: str) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        return re.search(r"\btools\b", self.text) is not None
+
+    def render(self, messages: list[dict], bos_token: str, eos_token: str, tools: list[dict] | None = None) -> str:
+        """messages: protocol ChatMessage dicts; tools: protocol ToolDefinition dicts."""
+        tools = tools or []
+        if tools and self.renders_tools:
+            extra = {"tools": [{"type": "function", "function": t} for t in tools]}
+            messages = [_hf_message(m) for m in messages]
+        else:
+            extra = {}
+            messages = _generic_messages(messages, tools)
         try:
             return _compile(self.text).render(
-                messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True
+                messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, **extra
             )
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template rejected these messages: {e}") from e
 
 
-def choose_template(override: str, gguf_template: str | None, architecture: str, name: str) -> ChatTemplate:
+def choose_template(
+    override: str, gguf_template: str | None, architecture: str, name: str, finetune: str = ""
+) -> ChatTemplate:
     if override:
         if override in FALLBACKS:
-            return ChatTemplate(override, FALLBACKS[override])
+            return _fallback(override)
         path = Path(override)
         if not path.is_file():
             raise ValueError(f"CHAT_TEMPLATE {override!r} is neither {sorted(FALLBACKS)} nor a file")
@@ -76,11 +118,62 @@ def choose_template(override: str, gguf_template: str | None, architecture: str,
     if gguf_template:
         return ChatTemplate("gguf", gguf_template)
     lowered = f"{architecture} {name}".lower()
-    if "vicuna" in lowered or architecture == "llama":
-        return ChatTemplate("vicuna", VICUNA)
+    if "vicuna" in lowered:
+        return _fallback("vicuna")
+    if not _TUNED.search(f"{name} {finetune}".lower()):
+        return _fallback("transcript")  # a base model: it follows a transcript, not a turn format
     if "gemma" in lowered:
-        return ChatTemplate("gemma", GEMMA)
-    return ChatTemplate("chatml", CHATML)
+        return _fallback("gemma")
+    if architecture == "llama":
+        return _fallback("vicuna")
+    return _fallback("chatml")
+
+
+def _fallback(name: str) -> ChatTemplate:
+    return ChatTemplate(name, FALLBACKS[name], FALLBACK_STOPS.get(name, ()))
+
+
+def _hf_message(m: dict) -> dict:
+    """A message in the shape Hugging Face chat templates read (tool calls with parsed arguments)."""
+    out = {"role": m["role"], "content": m.get("content") or ""}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": _arguments(c["arguments"])}}
+            for c in m["tool_calls"]
+        ]
+    for key in ("tool_call_id", "name"):
+        if m.get(key):
+            out[key] = m[key]
+    return out
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _generic_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Messages with only system/user/assistant roles and text: tools, calls and results written in
+    the generic format (common/tool_format.py), so any template renders them."""
+    out = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "tool":
+            out.append({"role": "user", "content": tool_format.tool_result_text(m.get("name"), m.get("tool_call_id"), content)})
+        elif role == "assistant" and m.get("tool_calls"):
+            calls = [ToolCall(**c) for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": tool_format.reply_text(calls)})
+        else:
+            out.append({"role": role, "content": content})
+    if tools:
+        note = tool_format.instructions([ToolDefinition(**t) for t in tools])
+        if out and out[0]["role"] in ("system", "developer"):
+            out[0] = {"role": out[0]["role"], "content": out[0]["content"] + "\n\n" + note}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
 
 
 def _raise(message: str) -> None:

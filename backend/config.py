@@ -19,7 +19,10 @@ class BackendSettings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads for llama.cpp (0: all cores)")
     batch_size: int = Field(512, ge=32, description="most tokens in one llama_decode")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens per llama_decode (a fixed schedule: output never depends on load)")
-    chat_template: str = Field("", description="'gemma', 'vicuna', 'chatml' or a Jinja file; default: the GGUF's own")
+    chat_template: str = Field(
+        "", description="'transcript', 'gemma', 'vicuna', 'chatml' or a Jinja file; default: the GGUF's own, else "
+        "'transcript' for a base model or its family's format"
+    )
     extra_buffers: bool = Field(
         False, description="llama.cpp's extra weight buffers (repack/AMX); AMX crashes on some virtual machines"
     )
@@ -43,6 +46,10 @@ class BackendSettings(BaseSettings):
     )
     prompt_cache_ram_mb: int = Field(
         2048, ge=0, description="host memory for saved prompt states behind the slots (0: no RAM tier)"
+    )
+    grammar_cache: int = Field(64, ge=1, description="compiled grammars (distinct schemas) kept for reuse")
+    grammar_fast_forward: bool = Field(
+        True, description="verify the tokens a grammar forces as one draft (one decode for a forced run)"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
 

@@ -7,6 +7,10 @@ every other decoding sequence, one prompt chunk, or an idle chunk when nothing e
 sequence (backend/sequence.py) turns its chosen tokens into events, handed to each request's sink
 once per step. Requests join and leave between steps. Only this thread touches the context.
 
+A draft is verified in its sequence's own decode: Medusa's guesses, or the tokens a grammar forces
+(fast-forward: a forced run costs one decode). Either way each row's token is chosen exactly as
+plain decoding would choose it, so the output does not depend on drafts.
+
 A request with n choices prefills its prompt once on its first sequence, then copies those cells to
 the other choices' sequences (llama_memory_seq_cp) instead of prefilling n times.
 """
@@ -23,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.decode_plan import TILED_FROM_ROWS, companion_rows, needs_companion
+from backend.decode_plan import VERIFY_MAX_ROWS, companion_rows, needs_companion
+from backend.grammar import GrammarError
 from backend.llama_model import LlamaModel
 from backend.logprobs import prompt_logprobs
 from backend.medusa.speculator import Speculator
@@ -37,6 +42,11 @@ from common.protocol import DoneEvent, ErrorEvent, PromptEvent
 
 log = logging.getLogger("backend.engine")
 
+# Idle work (re-prefilling a finished conversation for the prompt cache) starts only after the engine
+# has had nothing else to do for this long: a chunk of 64+ rows takes ~150 ms on 2 cores, and a
+# client that sends its next request right after an answer (benchmarks, agents) must not wait for it.
+IDLE_AFTER_S = 0.05
+
 
 @dataclass
 class EngineStats:
@@ -44,6 +54,8 @@ class EngineStats:
     tokens_generated: int = 0
     prompt_tokens: int = 0  # prompt tokens prefilled (not those reused from the cache)
     decode_seconds: float = 0.0
+    forced_drafted: int = 0  # grammar-forced tokens proposed as drafts
+    forced_accepted: int = 0  # of those, tokens the model chose too
 
 
 class Engine:
@@ -54,6 +66,7 @@ class Engine:
         speculator: Speculator | None = None,
         cache_mode: CacheMode = "exact",
         cache_ram_bytes: int = 0,
+        fast_forward: bool = True,
     ):
         if speculator is not None and not model.embeddings:
             raise ValueError("Medusa needs a context with embeddings on")
@@ -61,11 +74,12 @@ class Engine:
         self.spec = speculator
         self.stats = EngineStats()
         self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes)
-        self.scheduler = Scheduler(self.slots, prefill_chunk)
+        self.scheduler = Scheduler(self.slots, prefill_chunk, fast_forward)
         self._commands: queue.Queue = queue.Queue()
         self._outbox: dict[int, tuple[Sink, list]] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stop = False
+        self._last_work = 0.0  # monotonic time of the last step that served a request
 
     # --- API for other threads ------------------------------------------------------------------
     def start(self) -> None:
@@ -94,9 +108,12 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop:
-            self._take_commands(block=not self.scheduler.busy and not self.slots.has_idle_work())
+            self._take_commands(self._wait_for())
             self.scheduler.admit()
-            step = self.scheduler.plan(self.spec.active_for if self.spec is not None else None)
+            idle_ok = time.monotonic() - self._last_work >= IDLE_AFTER_S
+            step = self.scheduler.plan(self.spec.active_for if self.spec is not None else None, idle_ok)
+            if step.speculative or step.plain or step.prefill:
+                self._last_work = time.monotonic()
             if not step.empty:
                 try:
                     self._run(step)
@@ -111,9 +128,18 @@ class Engine:
             self._fail(req, "the model server is shutting down")
         self._flush()
 
-    def _take_commands(self, block: bool) -> None:
+    def _wait_for(self) -> float:
+        """How long the loop may wait for a command: not at all while requests run, until idle work
+        is due when there is some, else half a second (then it looks again)."""
+        if self.scheduler.busy:
+            return 0.0
+        if self.slots.has_idle_work():
+            return max(0.0, IDLE_AFTER_S - (time.monotonic() - self._last_work))
+        return 0.5
+
+    def _take_commands(self, timeout: float) -> None:
         try:
-            cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+            cmd = self._commands.get(timeout=timeout) if timeout > 0 else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -187,7 +213,8 @@ class Engine:
             if seq.seq_id in lone:
                 m.seq_rm(seq.seq_id, seq.n_past + 1, -1)
         for seq, row in zip(seqs, rows):
-            self._take(seq, row)
+            if not seq.finished:  # a grammar failure ends every choice of its request
+                self._take(seq, row)
         if speculate:
             live = [(seq, row) for seq, row in zip(seqs, rows) if not seq.finished]
             if live:
@@ -196,17 +223,23 @@ class Engine:
                     seq.draft = draft
 
     def _take(self, seq: Sequence, row: int, forced: int | None = None) -> int:
-        token = seq.choose(row, forced)
+        """Choose and add the sequence's next token from `row`; returns it (a failed request's
+        sequences come back finished)."""
+        try:
+            events = seq.step(row, forced)
+        except GrammarError as e:
+            self._fail(seq.request, f"the output grammar could not continue: {e}")
+            return -1
         self.stats.tokens_generated += 1
-        self._emit(seq.request.sink, *seq.take(token, self.model.logits(row)))
-        return token
+        self._emit(seq.request.sink, *events)
+        return seq.last_token
 
     def _speculative_step(self, seq: Sequence) -> None:
         """Decode last_token + the draft in the sequence's own batch (so every row's logits are what
         plain decoding gives), then emit target tokens while they confirm the draft."""
         m = self.model
         room = min(m.n_ctx_per_seq - 1 - seq.n_past, seq.max_tokens - seq.generated - 1)
-        draft = seq.draft[: max(0, min(room, TILED_FROM_ROWS - 2))]  # 2..63 rows: the per-row path
+        draft = seq.draft[: max(0, min(room, VERIFY_MAX_ROWS - 1))]  # rows computed as one by one (decode_plan)
         base = seq.n_past
         m.batch_clear()
         m.batch_add(seq.last_token, base, seq.seq_id, True)
@@ -217,20 +250,24 @@ class Engine:
             # the split-KV path (decode_plan). Its cell goes when the request finishes.
             m.batch_add(seq.last_token, base + 1, seq.seq_id, False)
         self._decode()
-        typical = self.spec.typical and _typical_applies(seq.request.prep.sampling)
+        spec = self.spec
+        typical = spec is not None and spec.typical and seq.constraint is None and _typical_applies(seq.request.prep.sampling)
 
         def choose_row(row: int) -> tuple[int, bool]:
             forced = None
             if typical and row < len(draft):
                 if typical_ok(m.logits(row), draft[row], seq.sampler.params.temperature,
-                              self.spec.typical_epsilon, self.spec.typical_alpha):
+                              spec.typical_epsilon, spec.typical_alpha):
                     forced = draft[row]
-                    self.spec.stats.typical_accepted += 1
+                    spec.stats.typical_accepted += 1
             return self._take(seq, row, forced), seq.finished
 
         accepted = verify(draft, choose_row)
-        if draft:
-            self.spec.record(len(draft), accepted)
+        if seq.draft_forced:
+            self.stats.forced_drafted += len(draft)
+            self.stats.forced_accepted += accepted
+        elif draft:
+            spec.record(len(draft), accepted)
         if seq.finished:
             return
         # Keep the cells of the root and the accepted draft tokens; last_token (the token the
@@ -238,10 +275,11 @@ class Engine:
         if not m.seq_rm(seq.seq_id, base + accepted + 1, -1):
             # A memory that cannot drop a partial tail (recurrent state) would keep the rejected
             # draft: fail this request and stop speculating rather than emit wrong tokens.
-            self.spec.disable("off: this model's memory cannot drop a rejected draft")
+            if spec is not None:
+                spec.disable("off: this model's memory cannot drop a rejected draft")
             self._fail(seq.request, "speculative decoding is not supported by this model's memory; retry")
             return
-        seq.draft = self.spec.drafts(m.hidden(accepted))[0]
+        seq.draft = spec.drafts(m.hidden(accepted))[0] if spec is not None and spec.on and m.embeddings else []
 
     def _prefill_chunk(self, req: Request, start: int, end: int) -> None:
         main = req.seqs[0]
@@ -287,7 +325,14 @@ class Engine:
             logprobs=req.prompt_logprobs if p.req.prompt_logprobs else None,
         ))
         main = req.seqs[0]
+        # Every choice's first token comes from the same row; a grammar masks that row in place, so
+        # each choice gets the model's own logits back first (its logprobs are the raw ones too).
+        raw = self.model.logits(last_row).copy() if p.grammar is not None and len(req.seqs) > 1 else None
         for seq in req.seqs:
+            if seq.finished:  # a grammar failure on an earlier choice failed the whole request
+                break
+            if raw is not None:
+                np.copyto(self.model.logits(last_row), raw)
             if seq is not main:
                 self.slots.copy(main.slot, seq.slot)
             if p.max_tokens == 0:

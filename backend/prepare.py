@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import llguidance
+
 from backend.chat_template import ChatTemplate, ChatTemplateError
+from backend.grammar import GrammarCompiler, GrammarError
 from backend.llama_model import LlamaModel
 from backend.sampling import SamplingParams
 from common.protocol import ErrorEvent, GenerationRequest
@@ -21,9 +24,13 @@ class PreparedRequest:
     max_tokens: int
     sampling: SamplingParams
     prompt_text: str | None
+    stop: list[str]  # the request's stop strings and the chat template's
+    grammar: llguidance.LLMatcher | None = None  # a pristine matcher; each sequence copies it
 
 
-def prepare(model: LlamaModel, template: ChatTemplate, req: GenerationRequest) -> PreparedRequest | ErrorEvent:
+def prepare(
+    model: LlamaModel, template: ChatTemplate, req: GenerationRequest, grammars: GrammarCompiler | None = None
+) -> PreparedRequest | ErrorEvent:
     def error(message: str, param: str | None = None, code: str = "invalid_request") -> ErrorEvent:
         return ErrorEvent(id=req.id, message=message, param=param, code=code)
 
@@ -39,6 +46,7 @@ def prepare(model: LlamaModel, template: ChatTemplate, req: GenerationRequest) -
                 [m.model_dump() for m in req.messages],
                 bos_token=model.special_text(model.bos),
                 eos_token=model.special_text(model.eos),
+                tools=[t.model_dump() for t in req.tools],
             )
         except ChatTemplateError as e:
             return error(str(e), "messages")
@@ -69,6 +77,15 @@ def prepare(model: LlamaModel, template: ChatTemplate, req: GenerationRequest) -
     if bad is not None:
         return error(f"logit_bias names token {bad}, outside the vocabulary.", "logit_bias")
 
+    grammar = None
+    if req.grammar is not None:
+        if grammars is None:
+            return error("This server was built without constrained decoding.", req.grammar.param)
+        try:
+            grammar = grammars.matcher(req.grammar)
+        except GrammarError as e:
+            return error(f"Invalid or unsupported grammar: {e}", req.grammar.param)
+
     prompt_text = None
     if req.echo_prompt:
         prompt_text = req.prompt if isinstance(req.prompt, str) else model.detokenize(tokens)
@@ -85,4 +102,6 @@ def prepare(model: LlamaModel, template: ChatTemplate, req: GenerationRequest) -
             logit_bias=tuple(sorted(req.logit_bias.items())),
         ),
         prompt_text=prompt_text,
+        stop=req.stop + [s for s in template.stop if req.messages is not None and s not in req.stop],
+        grammar=grammar,
     )

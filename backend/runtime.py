@@ -11,16 +11,19 @@ import logging
 import time
 from pathlib import Path
 
+import llguidance
+
 from backend.chat_template import ChatTemplate, choose_template
 from backend.config import BackendSettings
 from backend.engine import Engine
+from backend.grammar import GrammarCompiler
 from backend.llama_model import ContextConfig, LlamaModel
 from backend.medusa.loading import build_speculator, heads_path, report
 from backend.medusa.speculator import Speculator
 from backend.model_files import default_cache_dir, resolve_model
 from backend.prepare import PreparedRequest, prepare
 from backend.preset import load_preset
-from common.protocol import ErrorEvent, GenerateBatch, Health, MedusaReport, ModelInfo, Stats
+from common.protocol import ErrorEvent, GenerateBatch, GrammarReport, Health, MedusaReport, ModelInfo, Stats
 
 log = logging.getLogger("backend.runtime")
 
@@ -37,6 +40,7 @@ class ModelService:
         self.error: str | None = None
         self.active_ids: set[str] = set()
         self.speculator: Speculator | None = None
+        self.grammars: GrammarCompiler | None = None
 
     def __enter__(self) -> "ModelService":
         self.load()
@@ -69,7 +73,13 @@ class ModelService:
         st = self.engine.stats
         return Stats(active_requests=len(self.active_ids), steps=st.steps, prompt_tokens=st.prompt_tokens,
                      tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3),
-                     medusa=self.medusa_report(), prompt_cache=self.engine.slots.stats())
+                     medusa=self.medusa_report(), prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report())
+
+    def grammar_report(self) -> GrammarReport:
+        g, st = self.grammars, self.engine.stats
+        return GrammarReport(library=f"llguidance {llguidance.__version__}", compiled=g.compiles, cache_hits=g.hits,
+                             compile_seconds=round(g.compile_seconds, 4), forced_drafted=st.forced_drafted,
+                             forced_accepted=st.forced_accepted)
 
     def load(self) -> None:
         try:
@@ -87,10 +97,13 @@ class ModelService:
             if self.speculator is None and model.embeddings:
                 model.stop_hidden_states()  # heads given but the tuning keeps Medusa off
             self.template = choose_template(
-                s.chat_template, model.chat_template(), model.meta("general.architecture") or "", model.meta("general.name") or path.name
+                s.chat_template, model.chat_template(), model.meta("general.architecture") or "", model.meta("general.name") or path.name,
+                model.meta("general.finetune") or "",
             )
+            self.grammars = GrammarCompiler(model, s.grammar_cache)
             self.engine = Engine(model, prefill_chunk=s.prefill_chunk, speculator=self.speculator,
-                                 cache_mode=s.prompt_cache, cache_ram_bytes=s.prompt_cache_ram_mb << 20)
+                                 cache_mode=s.prompt_cache, cache_ram_bytes=s.prompt_cache_ram_mb << 20,
+                                 fast_forward=s.grammar_fast_forward)
             self.engine.start()
             self.info = ModelInfo(
                 name=s.model_name or path.name.removesuffix(".gguf"),
@@ -119,7 +132,7 @@ class ModelService:
         return Health(status="ok")
 
     def prepare_one(self, req) -> PreparedRequest | ErrorEvent:
-        return prepare(self.model, self.template, req)
+        return prepare(self.model, self.template, req, self.grammars)
 
     def prepare_all(self, batch: GenerateBatch) -> list[PreparedRequest | ErrorEvent]:
         out = []

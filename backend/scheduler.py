@@ -14,10 +14,23 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from backend.decode_plan import VERIFY_MAX_ROWS
 from backend.sequence import Request, Sequence
 from backend.slots import Slot, SlotManager
 
 PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
+MAX_DRAFT = VERIFY_MAX_ROWS - 1  # longer verify decodes round differently (decode_plan)
+# A forced run verifies in its own decode while others decode too only from this length: that decode
+# costs about one shared step and yields run + 1 tokens for its sequence.
+FORCED_RUN_ALONE = 2
+
+
+def verifies_draft(draft_len: int, forced: bool, speculating: bool) -> bool:
+    """Whether a sequence verifies its draft this step (its own decode) instead of decoding one token
+    in the shared decode."""
+    if draft_len == 0:
+        return False
+    return speculating or (forced and draft_len >= FORCED_RUN_ALONE)
 
 
 @dataclass
@@ -34,9 +47,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotManager, prefill_chunk: int):
+    def __init__(self, slots: SlotManager, prefill_chunk: int, fast_forward: bool = True):
         self.slots = slots
         self.prefill_chunk = prefill_chunk
+        self.fast_forward = fast_forward
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -62,22 +76,24 @@ class Scheduler:
             req.bind(got.slots, self.slots.model, got.reuse, got.ends)
             self.running.append(req)
 
-    def plan(self, speculate_for) -> StepPlan:
-        """speculate_for(n): whether Medusa runs while n sequences decode (None: no Medusa)."""
+    def plan(self, speculate_for, idle_ok: bool = True) -> StepPlan:
+        """speculate_for(n): whether Medusa runs while n sequences decode (None: no Medusa);
+        idle_ok: whether an idle chunk may run if there is nothing else."""
         decoding = sorted((s for r in self.running if r.decoding for s in r.seqs if not s.finished), key=lambda s: s.seq_id)
         step = StepPlan()
         speculate = step.speculate = speculate_for is not None and speculate_for(len(decoding))
         for seq in decoding:
-            if speculate and seq.draft:
+            if not speculate:
+                seq.draft = []  # Medusa's guesses are stale by the time speculation resumes
+            seq.draft, seq.draft_forced = seq.propose(MAX_DRAFT, self.fast_forward)
+            if verifies_draft(len(seq.draft), seq.draft_forced, speculate):
                 step.speculative.append(seq)
             else:
-                if not speculate:
-                    seq.draft = []  # stale by the time speculation resumes
                 step.plain.append(seq)
         req = next((r for r in self.running if not r.decoding), None)
         if req is not None:
             step.prefill = (req, req.prefilled, req.chunk_ends[0])
-        elif not decoding and not self.waiting:
+        elif not decoding and not self.waiting and idle_ok:
             step.idle = self.slots.idle_chunk()
         return step
 

@@ -1,7 +1,7 @@
 """A request and its sequences (one per choice): everything that is per-request state.
 
-A `Sequence` owns its sampler, its text stream (UTF-8 and stop strings), its limits, its logprob
-setting and its position, and turns each chosen token into protocol events. A `Request` holds its n
+A `Sequence` owns its sampler, its grammar state, its text stream (UTF-8 and stop strings), its
+limits, its logprob setting and its position, and turns each chosen token into protocol events. A `Request` holds its n
 sequences, the prompt and how far it is prefilled, and the sink its events go to.
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backend.grammar import Constraint
 from backend.llama_model import LlamaModel
 from backend.logprobs import token_logprob
 from backend.prepare import PreparedRequest
@@ -31,7 +32,8 @@ class Sequence:
         self.slot = slot
         self.model = model
         self.sampler = Sampler(prep.sampling, model.n_vocab, seed_offset=index)
-        self.text = TextStream(prep.req.stop)
+        self.constraint = Constraint(prep.grammar.deep_copy(), model.n_vocab) if prep.grammar is not None else None
+        self.text = TextStream(prep.stop)
         self.max_tokens = prep.max_tokens
         self.n_ctx = model.n_ctx_per_seq
         self.top_logprobs = prep.req.logprobs  # None: no logprobs
@@ -39,7 +41,8 @@ class Sequence:
         self.tokens: list[int] = []  # generated
         self.n_past = len(prep.tokens) - 1  # position of last_token: cells exist below it
         self.last_token = prep.tokens[-1]
-        self.draft: list[int] = []  # Medusa's guesses for the tokens after last_token
+        self.draft: list[int] = []  # the tokens after last_token to verify: Medusa's guesses or forced ones
+        self.draft_forced = False  # the draft is what the grammar forces
         self.finished = False
 
     @property
@@ -56,13 +59,20 @@ class Sequence:
             return list(self.slot.tokens)
         return (self.request.prep.tokens + self.tokens)[: self.n_past]
 
-    def choose(self, row: int, forced: int | None = None) -> int:
-        """The next token from output row `row` of the last decode (or `forced`, recorded in the
-        sampler's penalty history as if sampled)."""
+    def step(self, row: int, forced: int | None = None) -> list:
+        """Choose the next token from output row `row` of the last decode (or take `forced`, recorded
+        in the sampler's penalty history as if sampled) and add it: the events it produces. Raises
+        GrammarError if the grammar cannot go on (the engine fails the request)."""
+        logits = self.model.logits(row)
         if forced is not None:
             self.sampler.accept(forced)
-            return forced
-        return self.sampler.sample(self.model.ctx, row, self.model.logits(row))
+            return self.take(forced, logits)
+        raw = logits
+        if self.constraint is not None:
+            if self.top_logprobs is not None:
+                raw = logits.copy()  # logprobs are the model's own, before the mask (as before bias)
+            self.constraint.apply(logits)  # in place: the sampler chain reads these logits
+        return self.take(self.sampler.sample(self.model.ctx, row, logits), raw)
 
     def take(self, token: int, logits: np.ndarray) -> list:
         """Add a chosen token (sampled from `logits`): the events it produces."""
@@ -71,6 +81,8 @@ class Sequence:
         self.last_token = token
         if self.model.is_eog(token) and not self.ignore_eos:
             return self.finish("stop")
+        if self.constraint is not None:
+            self.constraint.consume(token)
         text, stopped = self.text.push(self.model.token_bytes(token))
         lp: list[TokenLogprob] | None = None
         if self.top_logprobs is not None:
@@ -78,9 +90,21 @@ class Sequence:
         events = [DeltaEvent(id=self.request.id, index=self.index, text=text, token_ids=[token], logprobs=lp)]
         if stopped:
             events += self.finish("stop", flush=False)
+        elif self.constraint is not None and self.constraint.done:
+            events += self.finish("stop")  # the grammar allows nothing but the end
         elif self.generated >= self.max_tokens or self.n_past >= self.n_ctx:
             events += self.finish("length")
         return events
+
+    def propose(self, limit: int, fast_forward: bool) -> tuple[list[int], bool]:
+        """The draft to verify after last_token, and whether the grammar forces it: the tokens the
+        grammar forces (fast_forward), else Medusa's guesses up to the first the grammar forbids."""
+        if self.constraint is None:
+            return self.draft, False
+        forced = self.constraint.forced(limit) if fast_forward else []
+        if forced:
+            return forced, True
+        return self.constraint.allowed_prefix(self.draft), False
 
     def finish(self, reason: FinishReason, flush: bool = True) -> list:
         events = []

@@ -33,9 +33,9 @@ LLAMA_SERVER = "llama-server (-np = streams)"  # one server per concurrency leve
 class Proc:
     """A server subprocess, logged to a file, stopped on exit."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path = ROOT):
         self.log = log
-        self.p = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.p = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         self.p.terminate()
@@ -68,10 +68,8 @@ def llama_server_binary() -> str | None:
     return str(path) if path.exists() else shutil.which("llama-server")
 
 
-def llama_server_template_args(model_path: Path, out: Path) -> list[str]:
-    """llama-server renders chats with ChatML when the GGUF has no `tokenizer.chat_template` (the
-    default Gemma GGUF has none); our model server then picks a template by architecture (Gemma's).
-    Give llama-server the template ours uses, so that both see the same prompt tokens."""
+def fallback_template(model_path: Path):
+    """The chat template our model server falls back to for this GGUF, or None if it has its own."""
     import ctypes
 
     import llama_cpp as llama
@@ -88,7 +86,7 @@ def llama_server_template_args(model_path: Path, out: Path) -> list[str]:
     finally:
         quiet.setLevel(level)
     if not model:
-        return []
+        return None
 
     def meta(key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 12)
@@ -97,11 +95,22 @@ def llama_server_template_args(model_path: Path, out: Path) -> list[str]:
 
     try:
         if meta("tokenizer.chat_template") is not None:
-            return []
-        arch, name = meta("general.architecture") or "", meta("general.name") or model_path.name
+            return None
+        arch, name, finetune = meta("general.architecture") or "", meta("general.name") or model_path.name, meta("general.finetune") or ""
     finally:
         llama.llama_model_free(model)
-    template = choose_template("", None, arch, name)
+    return choose_template("", None, arch, name, finetune)
+
+
+def llama_server_template_args(model_path: Path, out: Path) -> list[str]:
+    """llama-server renders chats with ChatML when the GGUF has no `tokenizer.chat_template` (the
+    default Gemma GGUF has none); our model server then picks a fallback (a transcript for a base
+    model). Give llama-server the template ours uses, so that both see the same prompt tokens; chat
+    requests then also send the fallback's stop strings (`fallback_template(...).stop`), which ours
+    adds by itself."""
+    template = fallback_template(model_path)
+    if template is None:
+        return []
     path = out / f"chat-template-{template.source}.jinja"
     path.write_text(template.text)
     return ["--chat-template-file", str(path)]
@@ -195,6 +204,8 @@ def run(args) -> dict:
             try:
                 wait_openai(f"http://127.0.0.1:{port}")
                 bench_url("llama-cpp-python server", f"http://127.0.0.1:{port}", str(model_path))
+            except RuntimeError as e:  # a peer that does not start must not lose the rest of the run
+                report["notes"].append(f"llama-cpp-python server skipped: {e}; see {peer.log}")
             finally:
                 peer.stop()
         except ImportError:
@@ -238,6 +249,8 @@ def ratios(s: dict) -> dict:
     ratio("1 stream: ours / ours without Medusa (stream tok/s)", _at(ours, 1, "stream_tok_s"), _at(plain, 1, "stream_tok_s"))
     ratio("4 streams: ours / ours without Medusa (aggregate)", _at(ours, 4, "aggregate_tok_s"), _at(plain, 4, "aggregate_tok_s"))
     ratio("4 streams: 100 ms window / max_wait_ms=0 (aggregate)", _at(ours, 4, "aggregate_tok_s"), _at(zero, 4, "aggregate_tok_s"))
+    ratio("8 streams: ours / llama-server (aggregate)", _at(ours, 8, "aggregate_tok_s"), _at(peer, 8, "aggregate_tok_s"))
+    ratio("TTFT p50 at 4 streams: ours / llama-server", _at(ours, 4, "ttft_p50_ms"), _at(peer, 4, "ttft_p50_ms"))
     a, b = _at(ours, 1, "ttft_p50_ms"), _at(eng, 1, "ttft_p50_ms")
     if a is not None and b is not None:
         r["TTFT p50 at 1 stream: ours - in-process (ms)"] = round(a - b, 1)

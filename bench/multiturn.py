@@ -46,7 +46,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.compare import ROOT, Proc, llama_server_binary, llama_server_template_args, wait_openai
+from bench.compare import ROOT, Proc, fallback_template, llama_server_binary, llama_server_template_args, wait_openai
 from common.ports import free_port
 from common.wait_ready import wait_ready
 
@@ -222,9 +222,16 @@ class TurnResult:
     error: str | None = None
 
 
+# The stop strings of the chat fallback every target renders with (ours adds them by itself; the
+# same strings sent to every server keep the answers, and so the next prompts, alike).
+STOP: list[str] = []
+
+
 async def chat_turn(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int) -> tuple[dict, str]:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if STOP:
+        body["stop"] = STOP
     t0 = time.perf_counter()
     first = None
     parts: list[str] = []
@@ -450,6 +457,8 @@ def run(args) -> dict:
     model_path = resolve_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    template = fallback_template(model_path)
+    STOP[:] = list(template.stop) if template is not None else []
     report: dict = {"model": str(model_path), "threads": args.threads, "slots": SLOTS, "ctx_per_slot": args.ctx_per_slot,
                     "turns": args.turns, "max_tokens": args.max_tokens, "think_ms": args.think_ms,
                     "system_chars": args.system_chars, "scenarios": {s: SCENARIOS[s] for s in args.scenarios},

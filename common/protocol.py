@@ -25,9 +25,37 @@ from pydantic import BaseModel, Field, TypeAdapter
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
+class ToolCall(BaseModel):
+    """A function call the assistant made earlier in the conversation (rendered into the prompt)."""
+
+    id: str
+    name: str
+    arguments: str = Field(description="the arguments as a JSON text, as the model wrote them")
+
+
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: str  # system, user, assistant, tool
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers")
+    name: str | None = Field(None, description="tool: the function that produced it")
+
+
+class ToolDefinition(BaseModel):
+    """A function the model may call (rendered into the prompt, by the GGUF's template or the generic format)."""
+
+    name: str
+    description: str = ""
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Grammar(BaseModel):
+    """A constraint on the generated text: every token sampled keeps the text a prefix of the language.
+    The model server compiles it with llguidance (backend/grammar.py)."""
+
+    type: Literal["json_schema", "lark", "regex"]
+    value: dict | str = Field(description="a JSON schema (object), or a Lark grammar / regex text")
+    param: str = Field("response_format", description="the API field it came from, named in errors")
 
 
 class GenerationRequest(BaseModel):
@@ -49,6 +77,8 @@ class GenerationRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20, description="None: none; k: sampled + top k")
     echo_prompt: bool = Field(False, description="send the prompt text back in the prompt event")
     prompt_logprobs: bool = Field(False, description="logprobs of every prompt token (needs logprobs)")
+    grammar: Grammar | None = Field(None, description="constrain the output (structured outputs, tool calls)")
+    tools: list[ToolDefinition] = Field(default_factory=list, description="chat: functions shown to the model")
 
 
 class GenerateBatch(BaseModel):
@@ -181,6 +211,15 @@ class PromptCacheReport(BaseModel):
     canonicalized_tokens: int = Field(0, description="kept tokens re-prefilled while idle so a next turn can reuse them")
 
 
+class GrammarReport(BaseModel):
+    library: str = Field(description="the constrained-decoding library and its version")
+    compiled: int = Field(0, description="distinct grammars compiled")
+    cache_hits: int = Field(0, description="requests whose grammar was already compiled")
+    compile_seconds: float = 0.0
+    forced_drafted: int = Field(0, description="grammar-forced tokens verified as drafts (fast-forward)")
+    forced_accepted: int = Field(0, description="of those, tokens the model chose too")
+
+
 class Stats(BaseModel):
     active_requests: int
     steps: int = Field(description="llama_decode calls so far")
@@ -189,6 +228,7 @@ class Stats(BaseModel):
     decode_seconds: float
     medusa: MedusaReport | None = None
     prompt_cache: PromptCacheReport | None = None
+    grammar: GrammarReport | None = None
 
 
 class TokenizeRequest(BaseModel):

@@ -105,6 +105,7 @@ def test_errors_raise_the_right_exception_classes(client, live_stack):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=live_stack.model, messages=[{"role": "user", "content": "x"}], temperature=7)
     assert e.value.param == "temperature"
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=live_stack.model, messages=[{"role": "user", "content": "x"}],
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=live_stack.model, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    assert e.value.param == "messages[0].content"

@@ -30,6 +30,10 @@ MODEL = "tiny-model"
 INFO = ModelInfo(name=MODEL, path="/m.gguf", n_ctx=128, n_vocab=1000, n_parallel=4, chat_template="", chat_template_source="gemma", created=1)
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
 def lp(token: str, logprob: float | None) -> TokenLogprob:
     top = [TopLogprob(token_id=1, token=token, bytes=list(token.encode()), logprob=logprob),
            TopLogprob(token_id=2, token="x", bytes=[120], logprob=-3.0)] if logprob is not None else []
@@ -52,13 +56,17 @@ def fake_generate(request: httpx.Request) -> httpx.Response:
         echo = (r.prompt if isinstance(r.prompt, str) else "<tokens>") if r.echo_prompt else None
         text = r.prompt if isinstance(r.prompt, str) else (r.messages[-1].content if r.messages else "")
         cached = 2 if text.startswith("again") else 0
+        words = ("Hello", " world")
+        if r.grammar is not None and r.grammar.param in ("tools", "functions"):
+            words = ('{"tool_calls": [{"name": "get_weather", "arguments": {"ci', 'ty": "Paris"}}, ',
+                     '{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
         lines.append(PromptEvent(id=r.id, prompt_tokens=3, cached_tokens=cached, text=echo,
                                  logprobs=[lp("<p>", None)] if r.prompt_logprobs else None))
         for i in range(r.n):
-            for word in ("Hello", " world"):
+            for word in words:
                 lines.append(DeltaEvent(id=r.id, index=i, text=word, token_ids=[7],
                                         logprobs=[lp(word, -0.5)] if r.logprobs is not None else None))
-            lines.append(DoneEvent(id=r.id, index=i, finish_reason="length", completion_tokens=2))
+            lines.append(DoneEvent(id=r.id, index=i, finish_reason="stop" if r.grammar else "length", completion_tokens=2))
     body = "".join(e.model_dump_json() + "\n" for e in lines)
     return httpx.Response(200, content=body.encode(), headers={"content-type": "application/x-ndjson"})
 
@@ -186,9 +194,17 @@ def assert_error(r: httpx.Response, status: int, code: str | None, param: str | 
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                  "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
+                                  "tool_choice": "auto"}, 400, None, "tool_choice"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [TOOL],
+                                  "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, None, "tool_choice"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                  "response_format": {"type": "json_object"}}, 400, "unsupported_parameter", "response_format"),
+                                  "function_call": {"name": "f"}}, 400, None, "function_call"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "json_schema"}}, 400, None, "response_format"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "xml"}}, 400, "invalid_value", "response_format.type"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, None,
+         "messages[0].tool_call_id"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "unsupported_parameter", "messages[0].content"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None, "top_logprobs"),
@@ -363,3 +379,88 @@ async def test_the_batcher_knows_the_model_server_capacity_before_the_first_requ
     r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 200, r.text
     assert seen == [INFO.n_parallel]
+
+
+async def test_response_format_becomes_a_json_schema_grammar(api):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for fmt, want in [({"type": "json_object"}, {"type": "object"}),
+                      ({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}, schema)]:
+        r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                         "response_format": fmt})
+        assert r.status_code == 200, r.text
+        [sent] = sent_requests(api)
+        assert sent.grammar.type == "json_schema" and sent.grammar.value == want and sent.grammar.param == "response_format"
+    r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}})
+    assert r.status_code == 200 and sent_requests(api)[0].grammar.value == {"type": "object"}
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                     "response_format": {"type": "text"}})
+    assert sent_requests(api)[0].grammar is None
+
+
+async def test_tools_and_history_reach_the_model_server(api):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "12 C"},
+    ]
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "tools": [TOOL],
+                                                     "tool_choice": "required", "parallel_tool_calls": False})
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert [t.name for t in sent.tools] == ["get_weather"]
+    assert sent.grammar.param == "tools"
+    assert sent.grammar.value["properties"]["tool_calls"]["maxItems"] == 1  # required, not parallel: one call, no text
+    assert sent.messages[1].tool_calls[0].model_dump() == {"id": "call_a", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert (sent.messages[2].role, sent.messages[2].tool_call_id, sent.messages[2].name) == ("tool", "call_a", "get_weather")
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": messages[:1], "tools": [TOOL],
+                                                     "tool_choice": "none"})
+    [sent] = sent_requests(api)
+    assert sent.grammar is None and sent.tools == []
+
+
+async def test_tool_calls_reply_shape(api):
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                     "tools": [TOOL]})
+    body = ChatCompletion.model_validate(r.json())
+    choice = body.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Paris"}), ("function", "get_weather", {"city": "Oslo"})]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+
+
+async def test_streamed_tool_calls_in_openais_shape(api):
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                     "tools": [TOOL], "stream": True})
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in sse_events(r.text)[:-1]]
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for tc in c.choices[0].delta.tool_calls or []:
+            if tc.id:  # first delta of a call: id, type and name
+                assert tc.index not in calls and tc.function.name and tc.type == "function"
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments or ""}
+            else:
+                assert tc.function.name is None
+                calls[tc.index]["arguments"] += tc.function.arguments
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+async def test_legacy_functions_map_onto_tools(api):
+    r = await api.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "x"},
+                                     {"role": "assistant", "function_call": {"name": "get_weather", "arguments": "{}"}},
+                                     {"role": "function", "name": "get_weather", "content": "sunny"}],
+        "functions": [TOOL["function"]], "function_call": {"name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert sent.grammar.param == "functions" and sent.grammar.value["properties"]["tool_calls"]["maxItems"] == 1
+    assert sent.messages[1].tool_calls[0].name == "get_weather"
+    assert (sent.messages[2].role, sent.messages[2].name) == ("tool", "get_weather")
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert choice["message"]["function_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}

@@ -12,8 +12,8 @@ MSGS = [
 ]
 
 
-def test_gemma_fallback_for_a_gemma_gguf_without_template():
-    t = choose_template("", None, "gemma3", "Gemma 3 270m")
+def test_gemma_fallback_for_an_instruction_tuned_gemma_gguf_without_template():
+    t = choose_template("", None, "gemma3", "Gemma 3 270m it")
     assert t.source == "gemma"
     text = t.render(MSGS, bos_token="<bos>", eos_token="<eos>")
     assert text == (

@@ -321,17 +321,17 @@ def test_bad_token_ids_and_n_are_rejected(model_service):
 def test_chat_messages_use_the_template(model_service):
     messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi"),
                 ChatMessage(role="assistant", content="Hello."), ChatMessage(role="user", content="Name a colour.")]
-    # Gemma's turn format; Gemma has no system turn, so the system text opens the first user turn.
-    expected = ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
-                "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
+    # The default GGUF is a base model without a template: a plain transcript it can continue.
+    expected = "<bos>Be brief.\n\nUser: Hi\nAssistant: Hello.\nUser: Name a colour.\nAssistant:"
     assert model_service.template.render([m.model_dump() for m in messages], "<bos>", "<eos>") == expected
     chat = req(prompt=None, messages=messages, max_tokens=8)
     prepared = model_service.prepare_one(chat)
     assert prepared.tokens == model_service.model.tokenize(expected, add_special=False)
     assert prepared.tokens.count(model_service.model.bos) == 1
+    assert prepared.stop == ["\nUser:"]  # the transcript's stop string, added to every chat request
     # The engine generates from those tokens: the same as the rendered text sent as a prompt.
     as_chat = run_requests(model_service, [chat])[chat.id].choices[0].token_ids
-    as_text = one(model_service, prompt=prepared.tokens, max_tokens=8).choices[0].token_ids
+    as_text = one(model_service, prompt=prepared.tokens, max_tokens=8, stop=["\nUser:"]).choices[0].token_ids
     assert as_chat == as_text
 
 

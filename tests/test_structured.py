@@ -1,0 +1,142 @@
+"""Structured outputs and tools without a model: the generic tool format's schema, the streaming
+reply reader, the token-mask arithmetic, when a draft is verified, and prompt rendering of tools."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from app.tool_stream import Arguments, CallStart, Content, ReplyReader
+from backend.chat_template import choose_template
+from backend.grammar import apply_mask
+from backend.scheduler import FORCED_RUN_ALONE, verifies_draft
+from common import tool_format
+from common.protocol import ChatMessage, ToolCall, ToolDefinition
+
+WEATHER = ToolDefinition(name="get_weather", description="Weather in a city",
+                         parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+TIME = ToolDefinition(name="get_time", parameters={"type": "object", "properties": {}})
+
+
+def feed_in_pieces(text: str, seed: int) -> tuple[ReplyReader, list]:
+    rng = random.Random(seed)
+    reader, pieces, i = ReplyReader(), [], 0
+    while i < len(text):
+        n = rng.randint(1, 6)
+        pieces += reader.feed(text[i:i + n])
+        i += n
+    return reader, pieces
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reader_hands_out_name_first_then_arguments_that_join_to_the_written_json(seed):
+    args0 = '{"city": "Pa\\"ris \\u00e9", "days": [1, 2], "nested": {"a": {"b": null}}}'
+    text = '{"tool_calls": [{"name": "get_weather", "arguments": ' + args0 + '}, {"name": "get_time", "arguments": {}}]}'
+    reader, pieces = feed_in_pieces(text, seed)
+    assert reader.complete
+    assert reader.calls == [("get_weather", args0), ("get_time", "{}")]
+    assert reader.content is None
+    for index, (name, args) in enumerate(reader.calls):
+        mine = [p for p in pieces if getattr(p, "index", None) == index]
+        assert isinstance(mine[0], CallStart) and mine[0].name == name  # the name comes before any argument
+        assert "".join(p.text for p in mine[1:] if isinstance(p, Arguments)) == args
+        json.loads(args)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reader_streams_a_text_reply_decoded(seed):
+    text = json.dumps({"content": 'Line "one"\nsmile 😀 café \\ end'}, ensure_ascii=seed % 2 == 0)
+    reader, pieces = feed_in_pieces(text, seed)
+    assert reader.complete and not reader.calls
+    assert "".join(p.text for p in pieces if isinstance(p, Content)) == reader.content == 'Line "one"\nsmile 😀 café \\ end'
+
+
+def test_reader_keeps_what_a_cut_short_reply_had():
+    reader = ReplyReader()
+    reader.feed('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa')
+    assert not reader.complete and reader.calls == [("get_weather", '{"city": "Pa')]
+
+
+def test_reply_schema_modes():
+    auto = tool_format.reply_schema([WEATHER, TIME], "auto", parallel=True)
+    calls, text = auto["anyOf"]
+    assert text["required"] == ["content"]
+    items = calls["properties"]["tool_calls"]
+    assert items["maxItems"] == tool_format.MAX_PARALLEL_CALLS and [c["properties"]["name"]["const"] for c in items["items"]["anyOf"]] == ["get_weather", "get_time"]
+    # name before arguments: the reader streams the name first
+    assert list(items["items"]["anyOf"][0]["properties"]) == ["name", "arguments"]
+    required = tool_format.reply_schema([WEATHER, TIME], "required", parallel=False)
+    assert "anyOf" not in required and required["properties"]["tool_calls"]["maxItems"] == 1
+    named = tool_format.reply_schema([WEATHER, TIME], "get_time", parallel=True)
+    one = named["properties"]["tool_calls"]
+    assert one["maxItems"] == 1 and one["items"]["properties"]["name"] == {"const": "get_time"}
+
+
+def test_reply_text_is_what_the_reader_reads_back():
+    calls = [ToolCall(id="call_1", name="get_weather", arguments='{"city": "Oslo"}')]
+    reader = ReplyReader()
+    reader.feed(tool_format.reply_text(calls))
+    assert reader.calls == [("get_weather", '{"city": "Oslo"}')]
+
+
+def test_apply_mask_keeps_exactly_the_allowed_tokens():
+    rng = np.random.default_rng(0)
+    n_vocab = 1000  # not a multiple of 32: the last word is partly unused
+    allowed = rng.random(n_vocab) < 0.1
+    mask = np.zeros((n_vocab + 31) // 32, dtype=np.uint32)
+    for t in np.flatnonzero(allowed):
+        mask[t // 32] |= np.uint32(1 << (t % 32))
+    logits = rng.standard_normal(n_vocab).astype(np.float32)
+    before = logits.copy()
+    apply_mask(logits, mask.view(np.int32))
+    assert np.array_equal(logits[allowed], before[allowed])
+    assert np.all(np.isneginf(logits[~allowed]))
+
+
+def test_a_draft_is_verified_when_speculating_or_when_a_forced_run_is_long_enough():
+    assert not verifies_draft(0, forced=True, speculating=True)
+    assert verifies_draft(1, forced=False, speculating=True)
+    assert not verifies_draft(5, forced=False, speculating=False)  # Medusa's guesses only while it speculates
+    assert verifies_draft(FORCED_RUN_ALONE, forced=True, speculating=False)
+    assert not verifies_draft(FORCED_RUN_ALONE - 1, forced=True, speculating=False)
+
+
+def test_base_model_without_template_gets_a_transcript_that_stops_at_the_next_user_line():
+    t = choose_template("", None, "gemma3", "Gemma 3 270m")
+    assert t.source == "transcript" and t.stop == ("\nUser:",)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"}]
+    assert t.render(msgs, "<bos>", "<eos>") == "<bos>Be brief.\n\nUser: Hi\nAssistant: Hello!\nUser: Capital of France?\nAssistant:"
+    assert choose_template("", None, "gemma3", "Gemma 3 270m it").source == "gemma"
+    assert choose_template("", None, "gemma3", "Gemma 3 270m", finetune="it").source == "gemma"
+    assert choose_template("", None, "qwen2", "Qwen2.5 0.5B Instruct").source == "chatml"
+
+
+def test_tools_reach_a_template_without_tools_in_the_generic_format():
+    t = choose_template("transcript", None, "gemma3", "x")
+    msgs = [
+        ChatMessage(role="user", content="Weather in Oslo?"),
+        ChatMessage(role="assistant", tool_calls=[ToolCall(id="call_1", name="get_weather", arguments='{"city": "Oslo"}')]),
+        ChatMessage(role="tool", content="12 C", tool_call_id="call_1", name="get_weather"),
+    ]
+    text = t.render([m.model_dump() for m in msgs], "", "", tools=[WEATHER.model_dump()])
+    assert text.startswith("You can call these tools")
+    assert '"name": "get_weather"' in text and "Weather in a city" in text
+    assert 'Assistant: {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}' in text
+    assert "User: Tool result get_weather (call call_1):\n12 C" in text
+
+
+def test_tools_reach_a_template_that_renders_them_through_it():
+    jinja = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+             "{% for m in messages %}<{{ m.role }}>{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.city }}"
+             "{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    t = choose_template("", jinja, "x", "y")
+    assert t.renders_tools
+    msgs = [ChatMessage(role="user", content="Q"),
+            ChatMessage(role="assistant", tool_calls=[ToolCall(id="c", name="get_weather", arguments='{"city": "Oslo"}')]),
+            ChatMessage(role="tool", content="12 C", tool_call_id="c")]
+    out = t.render([m.model_dump() for m in msgs], "", "", tools=[WEATHER.model_dump(), TIME.model_dump()])
+    assert out == "[get_weather][get_time]<user>Q<assistant>Oslo<tool>12 C"
