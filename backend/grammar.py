@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import warnings
 from collections import OrderedDict
 
 import llguidance
@@ -51,7 +52,9 @@ class GrammarCompiler:
             if self._tokenizer is None:
                 m = self.model
                 end = [t for t in range(m.n_vocab) if m.is_eog(t)] or [m.eos]
-                self._tokenizer = lltokenizer_from_vocab(m.vocab, eos_token=end)
+                with warnings.catch_warnings():  # the adapter calls a deprecated alias once per token
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._tokenizer = lltokenizer_from_vocab(m.vocab, eos_token=end)
             return self._tokenizer
 
     def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
