@@ -20,17 +20,16 @@ from backend.slots import Slot, SlotManager
 
 PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
 MAX_DRAFT = VERIFY_MAX_ROWS - 1  # longer verify decodes round differently (decode_plan)
-# A forced run verifies in its own decode while others decode too only from this length: that decode
-# costs about one shared step and yields run + 1 tokens for its sequence.
-FORCED_RUN_ALONE = 2
 
 
-def verifies_draft(draft_len: int, forced: bool, speculating: bool) -> bool:
+def verifies_draft(draft_len: int, forced: bool, speculating: bool, n_decoding: int) -> bool:
     """Whether a sequence verifies its draft this step (its own decode) instead of decoding one token
-    in the shared decode."""
+    in the shared decode. Medusa's guesses: while Medusa speculates. Grammar-forced tokens: also when
+    the sequence decodes alone; measured (bench.structured, no Medusa), verifying forced runs in their
+    own decodes while four streams decode cost 0.74x the aggregate of the shared decode."""
     if draft_len == 0:
         return False
-    return speculating or (forced and draft_len >= FORCED_RUN_ALONE)
+    return speculating or (forced and n_decoding == 1)
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Scheduler:
             if not speculate:
                 seq.draft = []  # Medusa's guesses are stale by the time speculation resumes
             seq.draft, seq.draft_forced = seq.propose(MAX_DRAFT, self.fast_forward)
-            if verifies_draft(len(seq.draft), seq.draft_forced, speculate):
+            if verifies_draft(len(seq.draft), seq.draft_forced, speculate, len(decoding)):
                 step.speculative.append(seq)
             else:
                 step.plain.append(seq)

@@ -97,14 +97,15 @@ class Sequence:
         return events
 
     def propose(self, limit: int, fast_forward: bool) -> tuple[list[int], bool]:
-        """The draft to verify after last_token, and whether the grammar forces it: the tokens the
-        grammar forces (fast_forward), else Medusa's guesses up to the first the grammar forbids."""
+        """The draft to verify after last_token, and whether it starts with grammar-forced tokens: the
+        tokens the grammar forces (fast_forward), then Medusa's guesses for the depths after them, up
+        to the first token the grammar forbids."""
         if self.constraint is None:
             return self.draft, False
         forced = self.constraint.forced(limit) if fast_forward else []
-        if forced:
-            return forced, True
-        return self.constraint.allowed_prefix(self.draft), False
+        # Forced tokens take the depths they cover; Medusa's guesses for the depths after them follow.
+        draft = self.constraint.allowed_prefix(forced + self.draft[len(forced):])[:limit]
+        return draft, bool(forced)
 
     def finish(self, reason: FinishReason, flush: bool = True) -> list:
         events = []

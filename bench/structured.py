@@ -173,7 +173,7 @@ async def compile_probe(base: str, bport: int, model: str, seed: int) -> dict:
 def bench_ours(args, out: Path) -> dict:
     bport, aport = free_port(), free_port()
     env = {"BACKEND_PORT": str(bport), "PORT": str(aport), "THREADS": str(args.threads), "N_PARALLEL": "4",
-           "LOG_LEVEL": "warning", "MODEL": args.model}
+           "LOG_LEVEL": "warning", "MODEL": args.model, "MEDUSA_HEADS": args.medusa_heads}
     backend = Proc([sys.executable, "-m", "backend"], out / "ours-backend.log", env)
     api = None
     try:
@@ -223,7 +223,7 @@ def bench_llama_server(args, out: Path, binary: str) -> dict:
 
 def report_md(rep: dict) -> str:
     lines = [f"Model `{Path(rep['model']).name}`, {rep['threads']} threads, greedy, /v1/completions, nested schema "
-             f"(order with 4 items), {rep['rounds']} rounds per level.", "",
+             f"(order with 4 items), {rep['rounds']} rounds per level, ours with MEDUSA_HEADS={rep['medusa_heads']}.", "",
              "| server | mode | streams | requests | mean tokens | valid JSON | aggregate tok/s | decode tok/s per stream |",
              "|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -264,6 +264,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=400, help="cap of a constrained answer (the schema ends sooner)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--medusa-heads", default="auto", help="ours: MEDUSA_HEADS ('none': plain decoding, to see the grammar's own cost)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--quick", action="store_true", help="smoke run: ours, 1 stream, 1 round")
     a = p.parse_args()
@@ -276,7 +277,7 @@ def main() -> None:
     a.model = a.model_path
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = {"model": a.model_path, "threads": a.threads, "rounds": a.rounds, "servers": {}, "notes": []}
+    rep = {"model": a.model_path, "threads": a.threads, "rounds": a.rounds, "medusa_heads": a.medusa_heads, "servers": {}, "notes": []}
     targets = a.targets.split(",")
     if "ours" in targets:
         print("benchmarking ours ...", file=sys.stderr)
