@@ -179,9 +179,9 @@ class Engine:
 
     # --- run ------------------------------------------------------------------------------------
     def _run(self, step) -> None:
-        for seq in step.speculative:
+        for seq, draft, forced in step.speculative:
             if not seq.finished:  # an earlier failure in this step may have ended its request
-                self._speculative_step(seq)
+                self._speculative_step(seq, draft, forced)
         plain = [s for s in step.plain if not s.finished]
         if plain:
             self._decode_tokens(plain, speculate=step.speculate)
@@ -234,12 +234,13 @@ class Engine:
         self._emit(seq.request.sink, *events)
         return seq.last_token
 
-    def _speculative_step(self, seq: Sequence) -> None:
+    def _speculative_step(self, seq: Sequence, draft: list[int], forced: bool) -> None:
         """Decode last_token + the draft in the sequence's own batch (so every row's logits are what
-        plain decoding gives), then emit target tokens while they confirm the draft."""
+        plain decoding gives), then emit target tokens while they confirm the draft. `forced`: the
+        draft starts with grammar-forced tokens (counted apart from Medusa's)."""
         m = self.model
         room = min(m.n_ctx_per_seq - 1 - seq.n_past, seq.max_tokens - seq.generated - 1)
-        draft = seq.draft[: max(0, min(room, VERIFY_MAX_ROWS - 1))]  # rows computed as one by one (decode_plan)
+        draft = draft[: max(0, min(room, VERIFY_MAX_ROWS - 1))]  # rows computed as one by one (decode_plan)
         base = seq.n_past
         m.batch_clear()
         m.batch_add(seq.last_token, base, seq.seq_id, True)
@@ -263,7 +264,7 @@ class Engine:
             return self._take(seq, row, forced), seq.finished
 
         accepted = verify(draft, choose_row)
-        if seq.draft_forced:
+        if forced:
             self.stats.forced_drafted += len(draft)
             self.stats.forced_accepted += accepted
         elif draft:

@@ -34,7 +34,8 @@ def verifies_draft(draft_len: int, forced: bool, speculating: bool, n_decoding: 
 
 @dataclass
 class StepPlan:
-    speculative: list[Sequence] = field(default_factory=list)  # each verifies its draft in its own decode
+    # (sequence, draft, whether the draft starts with grammar-forced tokens): each verified in its own decode
+    speculative: list[tuple[Sequence, list[int], bool]] = field(default_factory=list)
     plain: list[Sequence] = field(default_factory=list)  # one token each, one decode, sequence-id order
     prefill: tuple[Request, int, int] | None = None  # request, chunk start, chunk end
     idle: tuple[Slot, list[int], int, int] | None = None  # slot, its tokens, chunk start, chunk end
@@ -84,9 +85,9 @@ class Scheduler:
         for seq in decoding:
             if not speculate:
                 seq.draft = []  # Medusa's guesses are stale by the time speculation resumes
-            seq.draft, seq.draft_forced = seq.propose(MAX_DRAFT, self.fast_forward)
-            if verifies_draft(len(seq.draft), seq.draft_forced, speculate, len(decoding)):
-                step.speculative.append(seq)
+            draft, forced = seq.propose(MAX_DRAFT, self.fast_forward)
+            if verifies_draft(len(draft), forced, speculate, len(decoding)):
+                step.speculative.append((seq, draft, forced))
             else:
                 step.plain.append(seq)
         req = next((r for r in self.running if not r.decoding), None)

@@ -41,8 +41,7 @@ class Sequence:
         self.tokens: list[int] = []  # generated
         self.n_past = len(prep.tokens) - 1  # position of last_token: cells exist below it
         self.last_token = prep.tokens[-1]
-        self.draft: list[int] = []  # the tokens after last_token to verify: Medusa's guesses or forced ones
-        self.draft_forced = False  # the draft is what the grammar forces
+        self.draft: list[int] = []  # Medusa's guesses for the tokens after last_token
         self.finished = False
 
     @property
