@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from app.backend_client import BackendClient
 from app.errors import APIError, BackendUnavailable, TooManyRequests
+from app.metrics import ApiMetrics
 from common.protocol import DoneEvent, GenerateBatch, GenerationRequest, RequestProgress
 
 log = logging.getLogger("app.batcher")
@@ -45,8 +46,9 @@ class _Pending:
 
 class DynamicBatcher:
     def __init__(self, client: BackendClient, max_batch_size: int = 4, max_wait_ms: float = 100.0, max_queue: int = 256,
-                 capacity: int | None = None):
+                 capacity: int | None = None, metrics: ApiMetrics | None = None):
         self.client = client
+        self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -74,12 +76,22 @@ class DynamicBatcher:
         return len(self._waiting) + len(self._in_flight)
 
     @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self._in_flight)
+
+    @property
     def busy_slots(self) -> int:
         return sum(p.progress.choices_left for p in self._in_flight.values())
 
     def submit(self, reqs: list[GenerationRequest], out: asyncio.Queue) -> None:
         """Queue requests; their events (and errors) will be put on `out`."""
         if self.admitted + len(reqs) > self.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected.labels("queue_full").inc()
             raise TooManyRequests(
                 f"The server is at capacity ({self.max_queue} requests admitted); retry shortly.", retry_after_s=1
             )
@@ -119,6 +131,7 @@ class DynamicBatcher:
         while True:
             self._wake.clear()
             batch = self._startable()
+            windowed = not batch
             if not batch and self._waiting:
                 # No room for them: the window gathers a batch until the oldest one's deadline.
                 left = self._waiting[0].enqueued + self.max_wait_s - time.monotonic()
@@ -137,9 +150,20 @@ class DynamicBatcher:
             self._waiting = [p for p in self._waiting if id(p) not in sent]
             for p in batch:
                 self._in_flight[p.req.id] = p
+            self._observe(batch, windowed)
             task = asyncio.create_task(self._run(batch))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
+
+    def _observe(self, batch: list[_Pending], windowed: bool) -> None:
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        self.metrics.batch_size.observe(len(batch))
+        for p in batch:
+            self.metrics.queue.observe(now - p.enqueued)
+        if windowed:
+            self.metrics.window_wait.observe(now - batch[0].enqueued)
 
     async def _run(self, batch: list[_Pending]) -> None:
         by_id = {p.req.id: p for p in batch}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
@@ -16,8 +18,28 @@ class AppSettings(BaseSettings):
         100.0, ge=0, description="longest a request waits for its batch to fill while no slot is free for it (0: no waiting)"
     )
     max_queue: int = Field(256, ge=1, description="requests admitted at once; past it, 429 with Retry-After")
-    api_key: str = Field("", description="if set, clients must send 'Authorization: Bearer <key>'")
+    api_key: str = Field("", description="comma-separated API keys; if any is set, clients must send 'Authorization: Bearer <key>'")
+    api_key_file: str = Field("", description="a file of API keys, one per line (# comments), added to API_KEY's")
+    metrics_require_key: bool = Field(False, description="/metrics also needs an API key (it is open by default, as /health is)")
+    cors_origins: str = Field(
+        "", description="comma-separated origins browsers may call the API from ('*': any); empty: no CORS headers"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM/Ctrl-C, how long requests in flight may run on while new ones get 503 (0: stop at once)"
+    )
+    info_refresh_s: float = Field(5.0, gt=0, description="how often the model server's /info is checked for a restart")
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    def api_keys(self) -> list[str]:
+        """API_KEY's keys and API_KEY_FILE's; empty: the API is open."""
+        keys = [k.strip() for k in self.api_key.split(",")]
+        if self.api_key_file:
+            lines = Path(self.api_key_file).read_text().splitlines()
+            keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+        return [k for k in keys if k]
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def resolved_backend_url(self) -> str:
         return (self.backend_url or f"http://127.0.0.1:{self.backend_port}").rstrip("/")

@@ -20,8 +20,9 @@ from app.errors import (
     InvalidRequest,
     TooManyRequests,
 )
+from app.request_log import RequestRecord
 from app.schemas import SamplingFields
-from common.protocol import ErrorEvent, GenerationRequest, PromptEvent, RequestProgress
+from common.protocol import DeltaEvent, ErrorEvent, GenerationRequest, PromptEvent, RequestProgress
 
 _ERRORS = {
     "context_length_exceeded": ContextLengthExceeded,
@@ -59,9 +60,13 @@ def new_request_id() -> str:
 
 
 class Generation:
-    def __init__(self, batcher: DynamicBatcher, reqs: list[GenerationRequest]):
+    def __init__(self, batcher: DynamicBatcher, reqs: list[GenerationRequest], record: RequestRecord | None = None):
         self.batcher = batcher
         self.reqs = reqs
+        self.record = record
+        if record is not None:
+            for r in reqs:
+                r.request_id = record.request_id  # the model server's log lines name the client's request
         self.prompts: dict[str, PromptEvent] = {}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._early: list = []  # events that arrived while waiting for every prompt event
@@ -74,6 +79,8 @@ class Generation:
                 ev = await self._next()
                 if isinstance(ev, PromptEvent):
                     self.prompts[ev.id] = ev
+                    if self.record is not None:
+                        self.record.on_prompt(ev)
                 else:
                     self._early.append(ev)
         except BaseException:
@@ -85,6 +92,11 @@ class Generation:
         while self._early or self._live():
             ev = self._early.pop(0) if self._early else await self._next()
             self._progress[ev.id].see(ev)
+            if self.record is not None:
+                if isinstance(ev, DeltaEvent):
+                    self.record.on_tokens((ev.id, ev.index), len(ev.token_ids))
+                if not self._live():
+                    self.record.on_finished()
             yield ev
 
     def usage(self, completion_tokens: int) -> CompletionUsage:
@@ -94,6 +106,11 @@ class Generation:
         return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                total_tokens=prompt_tokens + completion_tokens,
                                prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+    @property
+    def finished(self) -> bool:
+        """Every choice of every request is done (or failed)."""
+        return not self._live()
 
     def cancel(self) -> None:
         """Stop whatever is still running (no-op once every choice is done)."""
@@ -109,6 +126,8 @@ class Generation:
             raise item
         if isinstance(item, ErrorEvent):
             self._progress[item.id].see(item)  # ended: nothing of it to cancel
+            if item.code == "overloaded" and self.record is not None and self.record.metrics is not None:
+                self.record.metrics.rejected.labels("overloaded").inc()
             raise error_from_event(item)
         return item
 
@@ -116,13 +135,19 @@ class Generation:
         return [i for i, p in self._progress.items() if p.choices_left > 0]
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its answer was ready."""
+
+
 async def until_disconnect(request: Request, work: asyncio.Future):
     """Await `work`, cancelling it if the HTTP client disconnects first (non-streaming requests)."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            raise asyncio.CancelledError("client disconnected")
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        task.cancel()  # no-op when it finished; stops it when the client left or we are cancelled

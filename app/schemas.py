@@ -2,36 +2,99 @@
 
 Responses are built from the `openai` package's own types (see serving_*.py). Unknown fields are
 ignored, as OpenAI-compatible servers do; fields we know but do not support yet are rejected with a
-clear 400 in `reject_unsupported`.
+clear 400 in `reject_unsupported`. Types are strict, as OpenAI's are ("2" is not an integer, 1 not a
+boolean). Ranges are in the models, so FastAPI's OpenAPI document states them; the one range only the
+model server knows, token ids below its vocabulary size (prompt token arrays, logit_bias keys), is
+checked there (backend/prepare.py) and comes back as a 400 before any byte is streamed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import re
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from app.errors import InvalidRequest, Unsupported
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-class StreamOptions(BaseModel):
+
+def _integral(value):
+    # JSON Schema's integer includes 1.0; strict pydantic would refuse it. 1.5, "1" and true stay refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**constraints):
+    """An integer field's type: constraints inside, so the OpenAPI schema states them as minimum/maximum."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+
+Choices = integer(ge=1, le=128)
+# int64 as -2**63 <= seed < 2**63: both bounds are exact as JSON numbers (FastAPI writes OpenAPI bounds as
+# floats, and 2**63 - 1 as a float is 2**63).
+Seed = integer(ge=INT64_MIN, lt=INT64_MAX + 1)
+Count = integer(ge=0)
+# A token id as text (a logit_bias key). Ten digits hold every llama.cpp token id (int32); the model
+# server checks it against its vocabulary.
+_TOKEN_KEY = re.compile(r"[0-9]{1,10}")
+TOKEN_KEY_PATTERN = "^[0-9]{1,10}$"
+
+TokenId = integer(ge=0, description="a token id, below the model's vocabulary size")
+TokenArray = Annotated[list[TokenId], Field(min_length=1)]
+
+
+def _check_logit_bias(bias: dict[str, float]) -> dict[str, float]:
+    for key, value in bias.items():
+        if not _TOKEN_KEY.fullmatch(key):
+            raise PydanticCustomError("token_id", "keys must be token ids (decimal integers), got {key}", {"key": _quoted(key)})
+        if not -100 <= value <= 100:
+            raise PydanticCustomError("bias_range", "biases must be in [-100, 100], got {value} for token {key}",
+                                      {"value": value, "key": key})
+    return bias
+
+
+def _quoted(text: str) -> str:
+    """The client's text quoted for an error message; escaped when UTF-8 cannot encode it (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(text)
+    return json.dumps(text, ensure_ascii=False)
+
+
+LogitBias = Annotated[
+    dict[str, float],
+    AfterValidator(_check_logit_bias),
+    WithJsonSchema({"type": "object", "propertyNames": {"pattern": TOKEN_KEY_PATTERN},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}),
+]
+
+
+class Body(BaseModel):
+    """A part of a request body: unknown fields ignored, types strict."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="the id /v1/models lists")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int | None = Field(1, ge=1, le=128, description="choices per prompt")
+    n: Choices | None = Field(1, description="choices per prompt")
     stop: str | list[str] | None = Field(None, description="up to 16 stop strings; never emitted")
-    seed: int | None = Field(None, description="same seed, same output")
+    seed: Seed | None = Field(None, description="same seed, same output (int64)")
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100]")
+    logit_bias: LogitBias | None = Field(None, description="token id -> bias in [-100, 100]")
     ignore_eos: bool | None = Field(False, description="vLLM extension: keep generating past EOS (benchmarks)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -45,16 +108,15 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+class JsonSchemaFormat(Body):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ResponseFormat(Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -70,79 +132,127 @@ class ResponseFormat(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string, a list of strings, a token array or a list of token arrays"
-    )
-    max_tokens: int | None = Field(16, ge=0, description="OpenAI's default is 16; null: up to the context")
-    logprobs: int | None = Field(None, ge=0, le=5)
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenArray
+        | Annotated[list[TokenArray], Field(min_length=1)]
+    ) = Field(description="a string, a list of strings, a token array or a list of token arrays")
+    max_tokens: Count | None = Field(16, description="OpenAI's default is 16; null: up to the context")
+    logprobs: integer(ge=0, le=5) | None = None
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: integer(ge=0, le=20) | None = Field(None, description="only equal to n is supported")
     response_format: ResponseFormat | None = Field(None, description="extension (as vLLM and llama-server): JSON output")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(Body):
     type: str
     text: str | None = None
 
 
-class FunctionCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionCallIn(Body):
     name: str
     arguments: str = ""
 
 
-class ToolCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ToolCallIn(Body):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
 
-class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+class MessageIn(Body):
+    """A chat message; one class per role (below), as in OpenAI's schema, so the OpenAPI document says
+    what each role needs (a tool result its tool_call_id, a legacy function result its name)."""
+
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
-    function_call: FunctionCallIn | None = None  # legacy assistant message
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text or "" for p in self.content or [])
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class SystemMessage(MessageIn):
+    role: Literal["system"]
+
+
+class DeveloperMessage(MessageIn):
+    role: Literal["developer"]
+
+
+class UserMessage(MessageIn):
+    role: Literal["user"]
+
+
+class AssistantMessage(MessageIn):
+    role: Literal["assistant"]
+    tool_calls: list[ToolCallIn] | None = None
+    function_call: FunctionCallIn | None = None  # legacy
+
+
+class ToolMessage(MessageIn):
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1, description="the id of the call this message answers")
+
+
+class FunctionMessage(MessageIn):
+    """Legacy: the result of a function call."""
+
+    role: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+_MESSAGES = {"system": SystemMessage, "developer": DeveloperMessage, "user": UserMessage,
+             "assistant": AssistantMessage, "tool": ToolMessage, "function": FunctionMessage}
+
+
+def _message_tag(value) -> str | None:
+    # Tags are the class names: errors inside a message then name the field, not the role (app/errors.py
+    # drops capitalised union tags from a param).
+    role = value.get("role") if isinstance(value, dict) else getattr(value, "role", None)
+    cls = _MESSAGES.get(role) if isinstance(role, str) else None
+    return cls.__name__ if cls is not None else None
+
+
+ChatMessageIn = Annotated[
+    Union[tuple(Annotated[cls, Tag(cls.__name__)] for cls in _MESSAGES.values())],
+    Discriminator(
+        _message_tag,
+        custom_error_type="invalid_role",
+        custom_error_message=f"Input should have a 'role' of {', '.join(repr(r) for r in _MESSAGES)}",
+        custom_error_context={"discriminator": "role"},
+    ),
+]
+
+
+class FunctionDefinition(Body):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Tool(Body):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(Body):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0, description="deprecated by OpenAI; same as max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: Count | None = Field(None, description="deprecated by OpenAI; same as max_completion_tokens")
+    max_completion_tokens: Count | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: integer(ge=0, le=20) | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -170,15 +280,46 @@ class ChatCompletionRequest(SamplingFields):
         return functions, inner
 
 
+# Deepest nesting of a request's parts (a JSON schema in response_format or a tool's parameters
+# counts its own levels). The protocol's JSON parser stops at 200 levels and its serializer near 250;
+# the tool-call grammar wraps parameters in ~10 more.
+MAX_DEPTH = 64
+
+
+def check_transmittable(value: Any, param: str = "", depth: int = 0) -> None:
+    """Raise a 400 naming the part of a request the model server could not be sent: text that is not
+    Unicode (a lone UTF-16 surrogate, which JSON's \\u escapes allow) or nesting deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        field = param.split(".")[0].split("[")[0]
+        raise InvalidRequest(f"'{field}' is nested more than {MAX_DEPTH} levels deep.", param=field or None)
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"'{param}' holds text that is not valid Unicode (a lone surrogate).",
+                                     param=param or None) from None
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            check_transmittable(getattr(value, name), _join(param, field.alias or name), depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_transmittable(key, param, depth + 1)
+            check_transmittable(item, _join(param, str(key)), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_transmittable(item, f"{param}[{i}]", depth + 1)
+
+
+def _join(param: str, name: str) -> str:
+    return f"{param}.{name}" if param else name
+
+
 def reject_unsupported(req: SamplingFields) -> None:
     """Raise a 400 naming the first field we accept in the schema but cannot honour yet."""
+    check_transmittable(req)
     if len(req.stop_list()) > 16:
         raise InvalidRequest("At most 16 stop sequences are supported.", param="stop")
-    for key, bias in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
-            raise InvalidRequest(f"logit_bias keys must be token ids, got '{key}'.", param="logit_bias")
-        if not -100 <= bias <= 100:
-            raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bias}.", param="logit_bias")
     if req.response_format is not None:
         schema = req.response_format.schema_or_none()
         if schema is not None and not isinstance(schema, dict):
@@ -193,10 +334,6 @@ def reject_unsupported(req: SamplingFields) -> None:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
         for i, m in enumerate(req.messages):
-            if m.role == "tool" and not m.tool_call_id:
-                raise InvalidRequest("A message with role 'tool' needs 'tool_call_id'.", param=f"messages[{i}].tool_call_id")
-            if m.role == "function" and not m.name:
-                raise InvalidRequest("A message with role 'function' needs 'name'.", param=f"messages[{i}].name")
             for part in m.content if isinstance(m.content, list) else []:
                 if part.type != "text" or part.text is None:
                     raise Unsupported(

@@ -2,23 +2,18 @@
 
 import logging
 
-import uvicorn
-
 from backend.config import BackendSettings
 from backend.server import create_app
+from common.drain import Drain, serve
 from common.settings_cli import parse_settings
 
 
 def main() -> None:
     settings = parse_settings(BackendSettings, description="llama.cpp model server for the internal protocol")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.backend_host,
-        port=settings.backend_port,
-        log_level=settings.log_level,
-        access_log=False,
-    )
+    drain = Drain(settings.shutdown_grace_s)
+    serve(create_app(settings, drain=drain), drain, host=settings.backend_host, port=settings.backend_port,
+          log_level=settings.log_level, access_log=False)
 
 
 if __name__ == "__main__":

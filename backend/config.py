@@ -51,6 +51,17 @@ class BackendSettings(BaseSettings):
     grammar_fast_forward: bool = Field(
         True, description="verify the tokens a grammar forces as one draft (one decode for a forced run)"
     )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM/Ctrl-C, how long requests in flight may run on while new ones get 503 (0: stop at once)"
+    )
+    embeddings: bool = Field(
+        True, description="serve embeddings (/v1/embeddings) from a second llama.cpp context on the loaded model"
+    )
+    embeddings_ctx: int = Field(512, ge=64, description="most tokens per embeddings input")
+    embeddings_batch: int = Field(
+        512, ge=64, description="most tokens (inputs x their padded length) in one embeddings llama_decode; "
+        "at least EMBEDDINGS_CTX"
+    )
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @model_validator(mode="after")

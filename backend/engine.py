@@ -32,6 +32,7 @@ from backend.grammar import GrammarError
 from backend.llama_model import LlamaModel
 from backend.logprobs import prompt_logprobs
 from backend.medusa.speculator import Speculator
+from backend.metrics import EngineMetrics
 from backend.medusa.tree import typical_ok
 from backend.medusa.verify import verify
 from backend.prepare import PreparedRequest
@@ -67,11 +68,13 @@ class Engine:
         cache_mode: CacheMode = "exact",
         cache_ram_bytes: int = 0,
         fast_forward: bool = True,
+        metrics: EngineMetrics | None = None,
     ):
         if speculator is not None and not model.embeddings:
             raise ValueError("Medusa needs a context with embeddings on")
         self.model = model
         self.spec = speculator
+        self.metrics = metrics
         self.stats = EngineStats()
         self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes)
         self.scheduler = Scheduler(self.slots, prefill_chunk, fast_forward)
@@ -109,12 +112,18 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop:
             self._take_commands(self._wait_for())
-            self.scheduler.admit()
-            idle_ok = time.monotonic() - self._last_work >= IDLE_AFTER_S
+            admitted = self.scheduler.admit()
+            started = time.monotonic()
+            if self.metrics is not None:
+                for req in admitted:
+                    self.metrics.queue.observe(started - req.submitted)
+            idle_ok = started - self._last_work >= IDLE_AFTER_S
             step = self.scheduler.plan(self.spec.active_for if self.spec is not None else None, idle_ok)
-            if step.speculative or step.plain or step.prefill:
-                self._last_work = time.monotonic()
+            serves = bool(step.speculative or step.plain or step.prefill)
+            if serves:
+                self._last_work = started
             if not step.empty:
+                generated = self.stats.tokens_generated
                 try:
                     self._run(step)
                 except Exception as e:  # never let one bad step kill the thread
@@ -123,6 +132,8 @@ class Engine:
                         self._fail(req, f"internal engine error: {e}")
                     if step.idle is not None:
                         self.slots.reset(step.idle[0])
+                if serves and self.metrics is not None:
+                    self.metrics.step(time.monotonic() - started, self.stats.tokens_generated - generated)
             self._postprocess()
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(req, "the model server is shutting down")

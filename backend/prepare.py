@@ -6,6 +6,7 @@ the decode loop. Client mistakes come back as ErrorEvents, never exceptions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import llguidance
@@ -15,6 +16,8 @@ from backend.grammar import GrammarCompiler, GrammarError
 from backend.llama_model import LlamaModel
 from backend.sampling import SamplingParams
 from common.protocol import ErrorEvent, GenerationRequest
+
+log = logging.getLogger("backend.prepare")
 
 
 @dataclass
@@ -30,6 +33,22 @@ class PreparedRequest:
 
 def prepare(
     model: LlamaModel, template: ChatTemplate, req: GenerationRequest, grammars: GrammarCompiler | None = None
+) -> PreparedRequest | ErrorEvent:
+    """The request ready to run, or the ErrorEvent that refuses it. Never raises: a failure here is this
+    request's alone, never its batch's."""
+    try:
+        return _prepare(model, template, req, grammars)
+    except UnicodeEncodeError:
+        param = "messages" if req.messages is not None else "prompt"
+        return ErrorEvent(id=req.id, message="The text is not valid Unicode (a lone surrogate).", param=param,
+                          code="invalid_request")
+    except Exception as e:
+        log.exception("preparing request %s failed", req.id)
+        return ErrorEvent(id=req.id, message=f"Preparing the request failed: {type(e).__name__}", code="internal")
+
+
+def _prepare(
+    model: LlamaModel, template: ChatTemplate, req: GenerationRequest, grammars: GrammarCompiler | None
 ) -> PreparedRequest | ErrorEvent:
     def error(message: str, param: str | None = None, code: str = "invalid_request") -> ErrorEvent:
         return ErrorEvent(id=req.id, message=message, param=param, code=code)
@@ -59,7 +78,7 @@ def prepare(
         tokens = list(req.prompt)
         bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
         if bad is not None:
-            return error(f"Token id {bad} is outside the vocabulary (0..{model.n_vocab - 1}).", "prompt")
+            return error(f"The prompt holds token id {bad}, outside the vocabulary (0..{model.n_vocab - 1}).", "prompt")
     if not tokens:
         return error("The prompt is empty.", "prompt")
 
@@ -75,7 +94,7 @@ def prepare(
         )
     bad = next((t for t in req.logit_bias if not 0 <= t < model.n_vocab), None)
     if bad is not None:
-        return error(f"logit_bias names token {bad}, outside the vocabulary.", "logit_bias")
+        return error(f"logit_bias names token id {bad}, outside the vocabulary (0..{model.n_vocab - 1}).", "logit_bias")
 
     grammar = None
     if req.grammar is not None:

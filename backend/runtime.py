@@ -12,18 +12,22 @@ import time
 from pathlib import Path
 
 import llguidance
+from prometheus_client import CollectorRegistry
 
 from backend.chat_template import ChatTemplate, choose_template
+from backend.embeddings import Embedder, EmbedRefused, open_embedder
 from backend.config import BackendSettings
 from backend.engine import Engine
 from backend.grammar import GrammarCompiler
 from backend.llama_model import ContextConfig, LlamaModel
 from backend.medusa.loading import build_speculator, heads_path, report
 from backend.medusa.speculator import Speculator
+from backend.metrics import EngineMetrics, ServiceCollector
 from backend.model_files import default_cache_dir, resolve_model
 from backend.prepare import PreparedRequest, prepare
 from backend.preset import load_preset
 from common.protocol import ErrorEvent, GenerateBatch, GrammarReport, Health, MedusaReport, ModelInfo, Stats
+from common.protocol import EmbedRequest, EmbedResponse
 
 log = logging.getLogger("backend.runtime")
 
@@ -41,6 +45,12 @@ class ModelService:
         self.active_ids: set[str] = set()
         self.speculator: Speculator | None = None
         self.grammars: GrammarCompiler | None = None
+        self.embedder: Embedder | None = None  # a second context on the same model (backend/embeddings.py)
+        self.embeddings_off = "embeddings are turned off on this model server (EMBEDDINGS=false)"
+        # /metrics: one registry per service (tests run several in a process)
+        self.metrics_registry = CollectorRegistry()
+        self.engine_metrics = EngineMetrics(self.metrics_registry)
+        self.metrics_registry.register(ServiceCollector(self))
 
     def __enter__(self) -> "ModelService":
         self.load()
@@ -57,6 +67,9 @@ class ModelService:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if self.embedder is not None:  # its context was made from the model: free it first
+            self.embedder.close()
+            self.embedder = None
         if self.model is not None:
             self.model.close()
             self.model = None
@@ -103,8 +116,10 @@ class ModelService:
             self.grammars = GrammarCompiler(model, s.grammar_cache)
             self.engine = Engine(model, prefill_chunk=s.prefill_chunk, speculator=self.speculator,
                                  cache_mode=s.prompt_cache, cache_ram_bytes=s.prompt_cache_ram_mb << 20,
-                                 fast_forward=s.grammar_fast_forward)
+                                 fast_forward=s.grammar_fast_forward, metrics=self.engine_metrics)
             self.engine.start()
+            if s.embeddings:
+                self.embedder, self.embeddings_off = open_embedder(model, s.embeddings_ctx, s.embeddings_batch, s.threads)
             self.info = ModelInfo(
                 name=s.model_name or path.name.removesuffix(".gguf"),
                 path=str(path),
@@ -121,6 +136,12 @@ class ModelService:
         except Exception as e:  # reported by /health; the process stays up to say why
             log.exception("model failed to load")
             self.error = f"{type(e).__name__}: {e}"
+
+    async def embed(self, req: EmbedRequest) -> EmbedResponse:
+        """POST /embed, on the embedder's own thread (never the engine's); raises EmbedRefused."""
+        if self.embedder is None:
+            raise EmbedRefused(self.embeddings_off, code="unsupported", param="model")
+        return await self.embedder.run(req)
 
     def health(self) -> Health:
         if self.error:

@@ -61,8 +61,9 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def admit(self) -> None:
-        """In arrival order, while the oldest waiting request finds its slots."""
+    def admit(self) -> list[Request]:
+        """In arrival order, while the oldest waiting request finds its slots: those admitted."""
+        admitted = []
         while self.waiting:
             req = self.waiting[0]
             logprobs = req.prep.req.prompt_logprobs
@@ -71,10 +72,12 @@ class Scheduler:
                 chunk=PROMPT_LOGPROBS_CHUNK if logprobs else self.prefill_chunk,
             )
             if got is None:
-                return
+                break
             self.waiting.popleft()
             req.bind(got.slots, self.slots.model, got.reuse, got.ends)
             self.running.append(req)
+            admitted.append(req)
+        return admitted
 
     def plan(self, speculate_for, idle_ok: bool = True) -> StepPlan:
         """speculate_for(n): whether Medusa runs while n sequences decode (None: no Medusa);

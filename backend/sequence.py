@@ -7,6 +7,7 @@ sequences, the prompt and how far it is prefilled, and the sink its events go to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,6 +128,7 @@ class Request:
     chunk_ends: list[int] = field(default_factory=list)  # prompt chunks still to prefill
     cached_tokens: int = 0
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)  # when the engine received it (queue time)
 
     @property
     def id(self) -> str:

@@ -8,6 +8,7 @@ Both layers import these models; nothing here knows OpenAI's JSON shapes or llam
     GET  /info                      -> ModelInfo
     GET  /stats                     -> Stats
     POST /tokenize   TokenizeRequest -> TokenizeResponse
+    POST /embed      EmbedRequest   -> EmbedResponse, or 400 EmbedError (503 Health while not ready)
 
 One /generate call carries a whole batch. Per request the stream holds, in order: one `prompt` event,
 then `delta` events per choice, then one `done` event per choice. An `error` event may come at any
@@ -62,6 +63,7 @@ class GenerationRequest(BaseModel):
     """One generation: a prompt (text or token ids) or chat messages, and how to sample it."""
 
     id: str
+    request_id: str = Field("", description="the API request it belongs to (x-request-id), for log lines")
     prompt: str | list[int] | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int | None = Field(None, ge=0, description="None: up to the context size")
@@ -167,7 +169,7 @@ class CancelResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "error"]
+    status: Literal["ok", "loading", "draining", "error"]
     detail: str | None = None
 
 
@@ -238,3 +240,24 @@ class TokenizeRequest(BaseModel):
 
 class TokenizeResponse(BaseModel):
     tokens: list[int]
+
+
+class EmbedRequest(BaseModel):
+    """POST /embed: texts or token arrays, one vector each, in order. Texts are tokenized with the model's
+    special tokens (BOS); token arrays are embedded as given."""
+
+    inputs: list[str] | list[list[int]] = Field(min_length=1)
+    dimensions: int | None = Field(None, description="the size the client asked for: refused unless it is the model's")
+
+
+class EmbedResponse(BaseModel):
+    vectors: list[list[float]] = Field(description="one unit-norm (L2) vector per input; float32 values")
+    prompt_tokens: int = Field(description="tokens embedded, all inputs together (padding not counted)")
+
+
+class EmbedError(BaseModel):
+    """The body of a 400 from /embed: a client mistake, or embeddings unavailable on this server."""
+
+    message: str
+    code: Literal["invalid_request", "context_length_exceeded", "unsupported"]
+    param: str | None = None

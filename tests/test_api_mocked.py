@@ -3,6 +3,7 @@ the OpenAI error envelope, response shapes and SSE framing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -187,8 +188,8 @@ def assert_error(r: httpx.Response, status: int, code: str | None, param: str | 
         ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 3}, 400, "invalid_value", "temperature"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "invalid_value", "logprobs"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "unsupported_parameter", "suffix"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, None, "logit_bias"),
-        ("/v1/completions", {"model": MODEL, "prompt": []}, 400, None, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, "invalid_value", "logit_bias"),
+        ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "invalid_value", "prompt"),
         ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found", "model"),
         ("/v1/completions", {"model": MODEL, "prompt": "too long"}, 400, "context_length_exceeded", "prompt"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "invalid_value", "messages"),
@@ -203,8 +204,8 @@ def assert_error(r: httpx.Response, status: int, code: str | None, param: str | 
                                   "response_format": {"type": "json_schema"}}, 400, None, "response_format"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                   "response_format": {"type": "xml"}}, 400, "invalid_value", "response_format.type"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, None,
-         "messages[0].tool_call_id"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
+         "missing_required_parameter", "messages[0].tool_call_id"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "unsupported_parameter", "messages[0].content"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None, "top_logprobs"),
@@ -371,11 +372,24 @@ async def test_cached_prompt_tokens_in_the_streamed_usage_chunk(api, path, body)
     assert usage["prompt_tokens_details"] == {"cached_tokens": 2 * prompts}
 
 
-async def test_the_batcher_knows_the_model_server_capacity_before_the_first_request(api):
+async def test_the_batcher_knows_the_model_server_capacity_before_the_first_request():
+    with respx.mock(base_url=BACKEND, assert_all_called=False) as mock:
+        info = mock.get("/info").respond(503, json={"status": "loading"})  # the watcher's first look finds it loading
+        mock.post("/generate", name="generate").mock(side_effect=fake_generate)
+        app = create_app(AppSettings(backend_url=BACKEND, max_wait_ms=0), BackendClient(BACKEND))
+        async with app.router.lifespan_context(app):
+            await asyncio.sleep(0.05)
+            assert info.called and app.state.batcher.capacity is None  # nothing knows the capacity yet
+            info.respond(200, content=INFO.model_dump_json())  # ready; the watcher's next look is seconds away
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+                client.mock, client.app = mock, app
+                await _capacity_is_known_before_the_first_batch(client)
+
+
+async def _capacity_is_known_before_the_first_batch(api):
     batcher = api.app.state.batcher
     seen = []
     api.mock.routes["generate"].side_effect = lambda request: (seen.append(batcher.capacity), fake_generate(request))[1]
-    assert batcher.capacity is None  # nothing fetched /info yet
     r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 200, r.text
     assert seen == [INFO.n_parallel]
@@ -464,3 +478,227 @@ async def test_legacy_functions_map_onto_tools(api):
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "function_call"
     assert choice["message"]["function_call"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+# --- Robustness: the ranges OpenAI documents, strict types, input the model server could not be sent ---
+
+def _chat(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "x"}]} | fields
+
+
+def _completion(**fields) -> dict:
+    return {"model": MODEL, "prompt": "x"} | fields
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", _completion(seed=2**63), "seed"),
+        ("/v1/completions", _completion(seed=2**80), "seed"),
+        ("/v1/chat/completions", _chat(seed=-(2**63) - 1), "seed"),
+        ("/v1/completions", _completion(n=0), "n"),
+        ("/v1/chat/completions", _chat(n=129), "n"),
+        ("/v1/completions", _completion(max_tokens=-1), "max_tokens"),
+        ("/v1/chat/completions", _chat(max_completion_tokens=-1), "max_completion_tokens"),
+        ("/v1/completions", _completion(logprobs=-1), "logprobs"),
+        ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        ("/v1/completions", _completion(best_of=21), "best_of"),
+        ("/v1/completions", _completion(prompt=[5, -1]), "prompt[1]"),
+        ("/v1/completions", _completion(prompt=[[5], []]), "prompt[1]"),
+        ("/v1/completions", _completion(prompt=[[5], [2**80, -3]]), "prompt[1][1]"),
+        ("/v1/completions", _completion(logit_bias={"-1": 5}), "logit_bias"),
+        ("/v1/completions", _completion(logit_bias={"²": 5}), "logit_bias"),  # str.isdigit() says yes; int() no
+        ("/v1/completions", _completion(logit_bias={"1" * 11: 5}), "logit_bias"),
+        ("/v1/chat/completions", _chat(logit_bias={"7": 100.5}), "logit_bias"),
+        # strict types, as OpenAI's: a string is not a number, a number not a boolean
+        ("/v1/completions", _completion(n="2"), "n"),
+        ("/v1/completions", _completion(max_tokens=2.5), "max_tokens"),
+        ("/v1/chat/completions", _chat(stream="yes"), "stream"),
+        ("/v1/chat/completions", _chat(logprobs=1), "logprobs"),
+        ("/v1/completions", _completion(prompt=[True]), "prompt[0]"),
+    ],
+)
+async def test_out_of_range_integers_and_wrong_types_are_400s_naming_the_param(api, path, body, param):
+    r = await api.post(path, json=body)
+    assert_error(r, 400, "invalid_value", param)
+    assert api.mock.routes["generate"].call_count == 0  # refused before the model server saw it
+
+
+async def test_the_edges_of_the_ranges_are_accepted(api):
+    r = await api.post("/v1/completions", json=_completion(seed=2**63 - 1, n=4, logprobs=5, best_of=4,
+                                                            logit_bias={"0": -100, "999": 100}, prompt=[[0, 999]]))
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert sent.seed == 2**63 - 1 and sent.logit_bias == {0: -100.0, 999: 100.0} and sent.prompt == [0, 999]
+    r = await api.post("/v1/chat/completions", json=_chat(seed=-(2**63), n=2.0, max_completion_tokens=0,
+                                                         logprobs=True, top_logprobs=20))
+    assert r.status_code == 200, r.text
+    [sent] = sent_requests(api)
+    assert sent.seed == -(2**63) and sent.n == 2 and sent.max_tokens == 0 and sent.logprobs == 20  # 2.0 is an integer
+
+
+def vocabulary_generate(request: httpx.Request) -> httpx.Response:
+    """The model server's own check (backend/prepare.py): token ids at or past n_vocab are refused with an
+    invalid_request error event naming the field, before the prompt event."""
+    batch = GenerateBatch.model_validate_json(request.content)
+    lines = []
+    for r in batch.requests:
+        bad_prompt = isinstance(r.prompt, list) and any(t >= INFO.n_vocab for t in r.prompt)
+        bad_bias = any(t >= INFO.n_vocab for t in r.logit_bias)
+        if bad_prompt or bad_bias:
+            lines.append(ErrorEvent(id=r.id, message="token id outside the vocabulary (0..999)", code="invalid_request",
+                                    param="prompt" if bad_prompt else "logit_bias"))
+        else:
+            lines.append(PromptEvent(id=r.id, prompt_tokens=1))
+            lines += [DeltaEvent(id=r.id, index=0, text="ok", token_ids=[7]),
+                      DoneEvent(id=r.id, index=0, finish_reason="length", completion_tokens=1)]
+    body = "".join(e.model_dump_json() + "\n" for e in lines)
+    return httpx.Response(200, content=body.encode(), headers={"content-type": "application/x-ndjson"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", _completion(prompt=[1, 2, INFO.n_vocab]), "prompt"),
+    ("/v1/completions", _completion(prompt=[[1, 2], [3, INFO.n_vocab + 5]]), "prompt"),
+    ("/v1/completions", _completion(logit_bias={str(INFO.n_vocab): 1}), "logit_bias"),
+    ("/v1/chat/completions", _chat(logit_bias={str(INFO.n_vocab): 1}), "logit_bias"),
+])
+async def test_token_ids_past_the_vocabulary_are_a_400_before_any_byte(api, path, body, param, stream):
+    api.mock.routes["generate"].side_effect = vocabulary_generate
+    r = await api.post(path, json=body | {"stream": stream})
+    assert_error(r, 400, None, param)
+    assert r.headers["content-type"].startswith("application/json") and "data:" not in r.text
+    ok = await api.post(path, json=body | {"stream": stream, "prompt": [1, 2], "logit_bias": {"999": 1}}
+                        if path == "/v1/completions" else body | {"stream": stream, "logit_bias": {"999": 1}})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("path,raw,param", [
+    ("/v1/completions", '{"model": "%s", "prompt": "a\\ud800b"}' % MODEL, "prompt"),
+    ("/v1/completions", '{"model": "%s", "prompt": "x", "stop": ["ok", "\\udfff"]}' % MODEL, "stop[1]"),
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL,
+     "messages[0].content"),
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "response_format": '
+     '{"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": "\\ud800"}}}}' % MODEL,
+     "response_format.json_schema.schema.description"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "x"}', "model"),
+    ("/v1/completions", '{"model": "%s", "prompt": "x", "logit_bias": {"\\ud800": 1}}' % MODEL, "logit_bias"),
+])
+async def test_text_that_is_not_unicode_is_a_400_not_a_failed_batch(api, path, raw, param):
+    """JSON's \\u escapes can spell a lone surrogate, which UTF-8 cannot encode: such a request used to fail
+    the whole batch it joined with a 503 (the protocol could not serialize it)."""
+    r = await api.post(path, content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert api.mock.routes["generate"].call_count == 0
+
+
+async def test_nesting_deeper_than_the_protocol_carries_is_a_400(api):
+    schema: dict = {"type": "string"}
+    for _ in range(100):
+        schema = {"type": "object", "properties": {"x": schema}}
+    r = await api.post("/v1/chat/completions", json=_chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "deep", "schema": schema}}))
+    assert_error(r, 400, None, "response_format")
+    assert "nested" in r.json()["error"]["message"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    assert_error(await api.post("/v1/chat/completions", json=_chat(tools=[tool])), 400, None, "tools")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "The request body is missing"),
+    (b"[]", "The request body must be a JSON object"),
+])
+async def test_a_body_that_is_not_an_object_is_named_as_such(api, content, message):
+    r = await api.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json", None)
+    assert r.json()["error"]["message"].startswith(message) and "None" not in r.json()["error"]["message"]
+
+
+async def test_union_errors_name_the_member_the_client_meant(api):
+    r = await api.post("/v1/completions", json=_completion(prompt=5))
+    assert_error(r, 400, "invalid_value", "prompt")
+    assert r.json()["error"]["message"].endswith("one of: str, list[str], list[int], list[list[int]]")
+    r = await api.post("/v1/chat/completions", json=_chat(
+        tool_choice={"type": "function", "function": {"name": 5}}, tools=[TOOL]))
+    assert_error(r, 400, "invalid_value", "tool_choice.function.name")
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"content": "x"}]})
+    assert_error(r, 400, "invalid_value", "messages[0].role")
+    r = await api.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+        {"role": "user", "content": "x"}, {"role": "function", "content": "sunny"}]})
+    assert_error(r, 400, "missing_required_parameter", "messages[1].name")
+
+
+async def test_the_openapi_document_states_the_ranges_and_the_error_envelope(api):
+    doc = (await api.get("/openapi.json")).json()
+    props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    seed = next(s for s in props["seed"]["anyOf"] if s.get("type") == "integer")
+    assert (seed["minimum"], seed["exclusiveMaximum"]) == (-(2**63), 2**63)  # int64, exact as JSON numbers
+    bias = next(s for s in props["logit_bias"]["anyOf"] if s.get("type") == "object")
+    assert bias["propertyNames"] == {"pattern": "^[0-9]{1,10}$"}
+    assert (bias["additionalProperties"]["minimum"], bias["additionalProperties"]["maximum"]) == (-100, 100)
+    token_array = [s for s in props["prompt"]["anyOf"] if s.get("items", {}).get("type") == "integer"][0]
+    assert token_array["items"]["minimum"] == 0 and token_array["minItems"] == 1
+    messages = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["messages"]["items"]["oneOf"]
+    assert len(messages) == 6
+    assert doc["components"]["schemas"]["ToolMessage"]["required"] == ["role", "tool_call_id"]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert "422" not in responses  # FastAPI's default; this API answers 400
+        for status in ("400", "401", "404", "429", "503"):
+            assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+# --- NDJSON framing: the model server's lines end at "\n" only ---
+
+SEPARATORS = "one\u2028two\u2029three\x85four\r\nfive\x1c six é€😀"
+
+
+async def test_ndjson_lines_split_at_newline_bytes_only():
+    from app.backend_client import ndjson_lines
+
+    events = [DeltaEvent(id="a", index=0, text=SEPARATORS, token_ids=[1]),
+              DoneEvent(id="a", index=0, finish_reason="stop", completion_tokens=1)]
+    body = "".join(e.model_dump_json() + "\n" for e in events).encode()
+
+    async def chunks(size):
+        for i in range(0, len(body), size):
+            yield body[i:i + size]  # cuts through lines and through multi-byte characters
+
+    for size in (1, 2, 3, 7, 64, len(body)):
+        assert [line async for line in ndjson_lines(chunks(size))] == body.split(b"\n")[:-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_line_separators_in_generated_text_reach_the_client(api, stream):
+    """U+2028, U+2029 and U+0085 are legal unescaped in JSON strings; the model writes them (a 270M base
+    model continues a prompt full of them greedily). They used to split an event in two and fail the
+    whole batch with a 503 "The model server stream failed: ValidationError"."""
+    def generate(request: httpx.Request) -> httpx.Response:
+        lines = []
+        for r in GenerateBatch.model_validate_json(request.content).requests:
+            lines += [PromptEvent(id=r.id, prompt_tokens=3, text=r.prompt if r.echo_prompt else None),
+                      DeltaEvent(id=r.id, index=0, text=SEPARATORS, token_ids=[7]),
+                      DoneEvent(id=r.id, index=0, finish_reason="length", completion_tokens=1)]
+        body = "".join(e.model_dump_json() + "\n" for e in lines).encode()
+
+        async def dribble():  # small chunks, as a busy model server's writes arrive
+            for i in range(0, len(body), 5):
+                yield body[i:i + 5]
+
+        return httpx.Response(200, content=dribble(), headers={"content-type": "application/x-ndjson"})
+
+    api.mock.routes["generate"].side_effect = generate
+    r = await api.post("/v1/completions", json=_completion(prompt=["a\u2028b", "innocent"], echo=True, stream=stream))
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+        texts: dict[int, str] = {}
+        for c in chunks:
+            i = c["choices"][0]["index"]
+            texts[i] = texts.get(i, "") + c["choices"][0]["text"]
+        got = [texts[0], texts[1]]
+    else:
+        got = [c["text"] for c in r.json()["choices"]]
+    assert got == ["a\u2028b" + SEPARATORS, "innocent" + SEPARATORS]

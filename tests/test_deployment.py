@@ -70,3 +70,19 @@ def test_a_bad_setting_is_one_clear_line_not_a_traceback():
     out = subprocess.run([sys.executable, "-m", "app", "--max-queue", "0"], capture_output=True, text=True, cwd=ROOT,
                          timeout=60)
     assert out.returncode == 2 and "max_queue" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_monitoring_profile_scrapes_both_layers_and_provisions_the_dashboard():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    prom, grafana = spec["services"]["prometheus"], spec["services"]["grafana"]
+    assert prom["profiles"] == ["monitoring"] and grafana["profiles"] == ["monitoring"]
+    scrape = yaml.safe_load((ROOT / "deployment" / "prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape["scrape_configs"]}
+    assert targets == {"api": ["api:8000"], "model-server": ["model-server:8001"]}
+    for mount in grafana["volumes"]:
+        assert (COMPOSE.parent / mount.split(":")[0]).exists(), mount
+    # Both layers drain on SIGTERM for SHUTDOWN_GRACE_S; compose must wait longer before it kills them.
+    for name in ("api", "model-server"):
+        service = spec["services"][name]
+        grace = int(service["environment"]["SHUTDOWN_GRACE_S"].split(":-")[1].rstrip("}"))
+        assert int(service["stop_grace_period"].rstrip("s")) > grace

@@ -184,3 +184,64 @@ def test_closing_generate_cancels_the_whole_batch(live_stack):
                 assert _stats(live_stack)["active_requests"] == 3
                 break  # all three are generating: hang up (leaving the loop closes the stream)
     _assert_stopped_soon(live_stack, before, started, 3000, within_s=1.0)
+
+
+def test_token_ids_and_seeds_out_of_range_are_400s_before_any_byte(live_stack):
+    """Token ids at or past the model's vocabulary (token-array prompts, lists of them, logit_bias keys) and
+    seeds outside int64 are refused with a 400 naming the param, streamed or not; the edges are accepted."""
+    n_vocab = httpx.get(f"{live_stack.backend_url}/info").json()["n_vocab"]
+    base = {"model": live_stack.model, "max_tokens": 2}
+    cases = [
+        ("/v1/completions", {"prompt": [2, 651, n_vocab]}, "prompt"),
+        ("/v1/completions", {"prompt": [[2, 651], [2, n_vocab + 7]]}, "prompt"),
+        ("/v1/completions", {"prompt": "Hello", "logit_bias": {str(n_vocab): 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "logit_bias": {str(n_vocab): 5}},
+         "logit_bias"),
+        ("/v1/completions", {"prompt": [2, -1]}, "prompt[1]"),
+        ("/v1/completions", {"prompt": "Hello", "seed": 2**80}, "seed"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "seed": -(2**63) - 1}, "seed"),
+    ]
+    for path, body, param in cases:
+        for stream in (False, True):
+            with httpx.stream("POST", f"{live_stack.base_url}{path}", json=base | body | {"stream": stream},
+                              timeout=120) as r:
+                raw = r.read().decode()
+            assert r.status_code == 400, (path, body, raw)
+            assert r.headers["content-type"].startswith("application/json") and "data:" not in raw
+            err = json.loads(raw)["error"]
+            assert err["param"] == param and err["type"] == "invalid_request_error", err
+    edges = {"prompt": [[2, n_vocab - 1], [0, 2]], "logit_bias": {"0": -100, str(n_vocab - 1): -100},
+             "seed": 2**63 - 1}
+    r = post(live_stack, "/v1/completions", base | edges)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2
+
+
+def test_the_model_server_refuses_what_it_cannot_prepare_per_request(model_service):
+    """backend/prepare.py: vocabulary bounds, text that is not Unicode and any failure come back as this
+    request's error event, never an exception that would fail its batch."""
+    from backend.prepare import PreparedRequest, prepare
+    from common.protocol import ErrorEvent, GenerationRequest
+
+    s = model_service
+    n_vocab = s.model.n_vocab
+
+    def run(**fields):
+        return prepare(s.model, s.template, GenerationRequest(id="p", max_tokens=2, **fields), s.grammars)
+
+    for fields, param in [({"prompt": [2, n_vocab]}, "prompt"), ({"prompt": [-1]}, "prompt"),
+                          ({"prompt": "Hi", "logit_bias": {n_vocab: 1.0}}, "logit_bias"),
+                          ({"prompt": "a\ud800b"}, "prompt")]:
+        ev = run(**fields)
+        assert isinstance(ev, ErrorEvent) and ev.code == "invalid_request" and ev.param == param, (fields, ev)
+        assert str(n_vocab - 1) in ev.message or param == "prompt" and "Unicode" in ev.message
+    assert isinstance(run(prompt=[2, n_vocab - 1], logit_bias={0: 1.0, n_vocab - 1: -1.0}), PreparedRequest)
+
+    class Broken:  # a template that fails unexpectedly: an internal error event, not an exception
+        stop: list = []
+
+        def render(self, *a, **k):
+            raise RuntimeError("boom")
+
+    ev = prepare(s.model, Broken(), GenerationRequest(id="q", messages=[{"role": "user", "content": "x"}]), s.grammars)
+    assert isinstance(ev, ErrorEvent) and ev.code == "internal" and ev.id == "q"

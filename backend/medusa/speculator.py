@@ -24,6 +24,7 @@ log = logging.getLogger("backend.medusa")
 class MedusaStats:
     steps: int = 0  # speculative decodes
     tokens: int = 0  # tokens those decodes emitted (accepted + 1 each)
+    drafted: int = 0  # draft tokens those decodes verified
     proposed: list[int] = field(default_factory=list)  # per depth: drafts judged there
     accepted: list[int] = field(default_factory=list)  # per depth: accepted there
     typical_accepted: int = 0  # draft tokens taken by typical acceptance instead of sampling
@@ -95,6 +96,7 @@ class Speculator:
         st = self.stats
         st.steps += 1
         st.tokens += accepted + 1
+        st.drafted += draft_len
         for d in range(min(draft_len, accepted + 1)):  # depth d is judged only if all before it passed
             st.proposed[d] += 1
             if d < accepted:
