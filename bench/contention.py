@@ -8,6 +8,7 @@ time is up; a CPU hog (one busy process per core, at the same priority) runs thr
     python -m bench.contention                           # starts both layers on free ports, 64 clients, 30 s
     python -m bench.contention --clients 64 --duration-s 60 --out bench-results/contention
     python -m bench.contention --base-url http://127.0.0.1:8000 --model M   # an already running stack
+    python -m bench.contention --separators   # also prompts the model continues with U+2028 / U+0085, echoed
 
 Prints a JSON summary (statuses, the error bodies of everything that was not a 200, incomplete streams)
 and writes it with the stack's logs to --out; exits 1 if anything but 200/429 or an incomplete stream
