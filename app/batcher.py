@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.backend_client import BackendClient
@@ -42,6 +43,8 @@ class _Pending:
     out: asyncio.Queue
     progress: RequestProgress
     enqueued: float = field(default_factory=time.monotonic)
+    started: bool = False  # an event of it arrived from the model server
+    retried: bool = False  # sent once more after a model server failed before it started
 
 
 class DynamicBatcher:
@@ -58,6 +61,9 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
+        # Called with the requests of a failed batch that had not started, and the error: returns those
+        # it could not send elsewhere (app/replicas.py sends them, once, to another model server).
+        self.reroute: Callable[[list[_Pending], APIError], list[_Pending]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._collect(), name="batcher")
@@ -87,16 +93,30 @@ class DynamicBatcher:
     def busy_slots(self) -> int:
         return sum(p.progress.choices_left for p in self._in_flight.values())
 
-    def submit(self, reqs: list[GenerationRequest], out: asyncio.Queue) -> None:
-        """Queue requests; their events (and errors) will be put on `out`."""
-        if self.admitted + len(reqs) > self.max_queue:
+    @property
+    def waiting_sequences(self) -> int:
+        return sum(p.req.n for p in self._waiting)
+
+    def check_room(self, n: int) -> None:
+        """Raise TooManyRequests (429) unless n more requests may be admitted."""
+        if self.admitted + n > self.max_queue:
             if self.metrics is not None:
                 self.metrics.rejected.labels("queue_full").inc()
             raise TooManyRequests(
                 f"The server is at capacity ({self.max_queue} requests admitted); retry shortly.", retry_after_s=1
             )
+
+    def submit(self, reqs: list[GenerationRequest], out: asyncio.Queue) -> None:
+        """Queue requests; their events (and errors) will be put on `out`."""
+        self.check_room(len(reqs))
         for r in reqs:
             self._waiting.append(_Pending(r, out, RequestProgress(r.n)))
+        self._wake.set()
+
+    def resubmit(self, p: _Pending) -> None:
+        """A request another batcher's model server failed before it started: first in line here."""
+        p.enqueued = time.monotonic()
+        self._waiting.insert(0, p)
         self._wake.set()
 
     def cancel(self, ids: list[str]) -> None:
@@ -172,6 +192,7 @@ class DynamicBatcher:
                 p = by_id.get(ev.id)
                 if p is None:
                     continue
+                p.started = True
                 p.out.put_nowait(ev)
                 ended = p.progress.see(ev)
                 if ended:
@@ -189,7 +210,14 @@ class DynamicBatcher:
                 self._fail(by_id.values(), BackendUnavailable("The model server ended the stream early."))
 
     def _fail(self, pending, err: APIError) -> None:
-        for p in list(pending):
-            if self._in_flight.pop(p.req.id, None) is not None:
-                p.out.put_nowait(err)
+        """End these requests with `err`, but for a model server that failed (BackendUnavailable), first
+        let `reroute` send those that had not started elsewhere."""
+        pending = [p for p in pending if self._in_flight.pop(p.req.id, None) is not None]
+        if self.reroute is not None and isinstance(err, BackendUnavailable):
+            fresh = [p for p in pending if not p.started]
+            moved = {id(p) for p in fresh} - {id(p) for p in self.reroute(fresh, err)}
+            pending = [p for p in pending if id(p) not in moved]
+        for p in pending:
+            p.out.put_nowait(err)
         self._wake.set()  # their slots are free
+

@@ -12,6 +12,18 @@ class AppSettings(BaseSettings):
     host: str = Field("0.0.0.0", description="address the API listens on")
     port: int = Field(8000, description="port the API listens on")
     backend_url: str = Field("", description="model server base URL (default http://127.0.0.1:$BACKEND_PORT)")
+    backend_urls: str = Field(
+        "", description="comma-separated model server URLs (replicas, of one model or several); wins over BACKEND_URL"
+    )
+    router_policy: str = Field(
+        "affinity", pattern="^(affinity|least_loaded|round_robin)$",
+        description="how requests are spread over replicas: 'affinity' (prompt-cache affinity, then load), "
+        "'least_loaded', 'round_robin' (baselines)"
+    )
+    router_imbalance: int = Field(
+        4, ge=0, description="prompt-cache affinity gives way to the least loaded replica once the replica holding the "
+        "prefix has this many more sequences queued and running"
+    )
     backend_port: int = Field(8001, description="model server port, used when BACKEND_URL is empty")
     max_batch_size: int = Field(4, ge=1, description="most requests forwarded in one model-server call (1: no batching)")
     max_wait_ms: float = Field(
@@ -43,3 +55,8 @@ class AppSettings(BaseSettings):
 
     def resolved_backend_url(self) -> str:
         return (self.backend_url or f"http://127.0.0.1:{self.backend_port}").rstrip("/")
+
+    def backend_url_list(self) -> list[str]:
+        """The model servers: BACKEND_URLS, else the one of BACKEND_URL (or BACKEND_PORT)."""
+        urls = [u.strip().rstrip("/") for u in self.backend_urls.split(",") if u.strip()]
+        return list(dict.fromkeys(urls)) or [self.resolved_backend_url()]

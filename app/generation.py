@@ -12,7 +12,6 @@ from fastapi import Request
 from openai.types import CompletionUsage
 from openai.types.completion_usage import PromptTokensDetails
 
-from app.batcher import DynamicBatcher
 from app.errors import (
     APIError,
     ContextLengthExceeded,
@@ -20,6 +19,7 @@ from app.errors import (
     InvalidRequest,
     TooManyRequests,
 )
+from app.replicas import Router
 from app.request_log import RequestRecord
 from app.schemas import SamplingFields
 from common.protocol import DeltaEvent, ErrorEvent, GenerationRequest, PromptEvent, RequestProgress
@@ -60,8 +60,9 @@ def new_request_id() -> str:
 
 
 class Generation:
-    def __init__(self, batcher: DynamicBatcher, reqs: list[GenerationRequest], record: RequestRecord | None = None):
-        self.batcher = batcher
+    def __init__(self, router: Router, reqs: list[GenerationRequest], model: str, record: RequestRecord | None = None):
+        self.router = router
+        self.model = model
         self.reqs = reqs
         self.record = record
         if record is not None:
@@ -73,7 +74,7 @@ class Generation:
         self._progress = {r.id: RequestProgress(r.n) for r in reqs}
 
     async def start(self) -> None:
-        self.batcher.submit(self.reqs, self._queue)
+        self.router.submit(self.reqs, self._queue, self.model)
         try:
             while len(self.prompts) < len(self.reqs):
                 ev = await self._next()
@@ -118,7 +119,7 @@ class Generation:
         for i in live:
             self._progress[i].choices_left = 0
         if live:
-            self.batcher.cancel(live)
+            self.router.cancel(live)
 
     async def _next(self):
         item = await self._queue.get()

@@ -17,89 +17,47 @@ from app.access import ApiKeys, add_cors
 from app.backend_client import BackendClient
 from app.batcher import DynamicBatcher
 from app.config import AppSettings
-from app.errors import APIError, BackendUnavailable, ModelNotFound, ShuttingDown, Unauthorized, error_response, install_error_handlers
+from app.errors import APIError, ShuttingDown, Unauthorized, error_response, install_error_handlers
 from app.generation import ClientDisconnected, Generation, until_disconnect
 from app.metrics import ApiMetrics
+from app.replicas import build_router
 from app.request_log import CLIENT_CLOSED, RequestLogMiddleware
 from app.schemas import ChatCompletionRequest, CompletionRequest, reject_unsupported
 from app.serving_chat import ChatResponder, build_request
 from app.serving_completions import CompletionsResponder, build_requests
 from app.serving_embeddings import add_embeddings_route
 from common.drain import Drain, DrainMiddleware
-from common.protocol import ModelInfo
 
 log = logging.getLogger("app")
 
 
-class ModelRegistry:
-    """What the model server serves, fetched on first use once it is ready, then kept.
-
-    Every fetch hands the server's capacity (n_parallel) to the batcher; routes call `check` or
-    `get` before they submit, so the batcher knows it before the first request is forwarded."""
-
-    def __init__(self, client: BackendClient, batcher: DynamicBatcher):
-        self.client = client
-        self.batcher = batcher
-        self.info: ModelInfo | None = None
-
-    async def get(self) -> ModelInfo:
-        if self.info is None:
-            self.info = await self.client.info()
-            self.batcher.set_capacity(self.info.n_parallel)
-        return self.info
-
-    async def check(self, model: str) -> ModelInfo:
-        info = await self.get()
-        if model != info.name:
-            raise ModelNotFound(f"The model '{model}' does not exist. This server serves '{info.name}'.", param="model")
-        return info
-
-    async def refresh(self) -> None:
-        """Fetch /info again; a model server that restarted (a new `created`) may serve another model,
-        context size or slot count, so what was cached is replaced and the batcher told."""
-        info = await self.client.info()
-        old = self.info
-        if old is not None and old.created == info.created:
-            return
-        if old is not None:
-            log.info("model server restarted (loaded at %d, was %d): serving %s, %d slots",
-                     info.created, old.created, info.name, info.n_parallel)
-        self.info = info
-        self.batcher.set_capacity(info.n_parallel)
-
-    async def watch(self, every_s: float, up) -> None:
-        """Check /info every `every_s` seconds while the app runs; `up(bool)` records reachability."""
-        while True:
-            try:
-                await self.refresh()
-                up(True)
-            except BackendUnavailable:
-                up(False)
-            await asyncio.sleep(every_s)
-
-
-def create_app(settings: AppSettings, client: BackendClient | None = None, drain: Drain | None = None) -> FastAPI:
-    client = client or BackendClient(settings.resolved_backend_url())
+def create_app(settings: AppSettings, client: BackendClient | None = None, drain: Drain | None = None,
+               discover=None) -> FastAPI:
+    """The API app over the model servers of `settings` (BACKEND_URLS / BACKEND_URL); `client`: a ready
+    client for a single model server (tests); `discover`: an async function returning the model
+    servers' URLs, followed every INFO_REFRESH_S (deployment/ray_serve.py)."""
     metrics = ApiMetrics()
-    batcher = DynamicBatcher(client, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics=metrics)
-    registry = ModelRegistry(client, batcher)
+
+    def make_batcher(c: BackendClient) -> DynamicBatcher:
+        return DynamicBatcher(c, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics=metrics)
+
+    urls = [client.base_url] if client is not None else [] if discover is not None else settings.backend_url_list()
+    router = build_router(urls, make_batcher, settings.router_imbalance, metrics, client, settings.router_policy, discover)
     drain = drain or Drain(settings.shutdown_grace_s)
     keys = ApiKeys(settings.api_keys())
-    metrics.waiting.set_function(lambda: batcher.waiting_count)
-    metrics.running.set_function(lambda: batcher.in_flight_count)
+    metrics.waiting.set_function(lambda: router.waiting_count)
+    metrics.running.set_function(lambda: router.in_flight_count)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        batcher.start()
-        watcher = asyncio.create_task(registry.watch(settings.info_refresh_s, metrics.backend_up.set))
+        router.start()
+        watcher = asyncio.create_task(router.watch(settings.info_refresh_s))
         yield
         watcher.cancel()
-        await batcher.stop()
-        await client.aclose()
+        await router.stop()
 
     app = FastAPI(title="llm-serve", description="OpenAI-compatible API over llama.cpp", lifespan=lifespan)
-    app.state.batcher = batcher
-    app.state.registry = registry
+    app.state.router = router
     app.state.metrics = metrics
     app.state.drain = drain
     install_error_handlers(app)
@@ -121,8 +79,14 @@ def create_app(settings: AppSettings, client: BackendClient | None = None, drain
     async def health():
         if drain.draining:
             return JSONResponse({"status": "draining", "in_flight": drain.in_flight}, status_code=503)
-        h = await client.health()
-        return JSONResponse({"status": h.status, "backend": h.model_dump()}, status_code=200 if h.status == "ok" else 503)
+        if not router.replicas:
+            return JSONResponse({"status": "loading", "detail": "no model server found yet", "replicas": []}, status_code=503)
+        checks = await asyncio.gather(*(r.client.health() for r in router.replicas))
+        replicas = [{"url": r.url, "model": r.info.name if r.info else None, **h.model_dump()}
+                    for r, h in zip(router.replicas, checks)]
+        ok = any(h.status == "ok" for h in checks)
+        body = {"status": "ok" if ok else checks[0].status, "backend": checks[0].model_dump(), "replicas": replicas}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorize)] if settings.metrics_require_key else [])
     async def prometheus_metrics():
@@ -130,30 +94,30 @@ def create_app(settings: AppSettings, client: BackendClient | None = None, drain
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models():
-        info = await registry.get()
-        model = Model(id=info.name, object="model", created=info.created, owned_by="llm-serve")
-        return {"object": "list", "data": [model.model_dump()]}
+        models = await router.models()
+        data = [Model(id=i.name, object="model", created=i.created, owned_by="llm-serve").model_dump() for i in models.values()]
+        return {"object": "list", "data": data}
 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
     async def get_model(model_id: str):
-        info = await registry.check(model_id)
+        info = await router.check(model_id)
         return Model(id=info.name, object="model", created=info.created, owned_by="llm-serve").model_dump()
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request):
         reject_unsupported(body)
-        info = await registry.check(body.model)
-        gen = Generation(batcher, build_requests(body), request.state.record)
+        info = await router.check(body.model)
+        gen = Generation(router, build_requests(body), info.name, request.state.record)
         return await respond(request, gen, CompletionsResponder(body, info.name, gen), bool(body.stream))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         reject_unsupported(body)
-        info = await registry.check(body.model)
-        gen = Generation(batcher, [build_request(body)], request.state.record)
+        info = await router.check(body.model)
+        gen = Generation(router, [build_request(body)], info.name, request.state.record)
         return await respond(request, gen, ChatResponder(body, info.name, gen), bool(body.stream))
 
-    add_embeddings_route(app, client, registry, dependencies=[Depends(authorize)])
+    add_embeddings_route(app, router, dependencies=[Depends(authorize)])
 
     return app
 

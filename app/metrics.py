@@ -41,4 +41,5 @@ class ApiMetrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.running = Gauge("llmserve_num_requests_running", "Requests sent to the model server, not finished", registry=r)
         self.waiting = Gauge("llmserve_num_requests_waiting", "Requests waiting in the batcher", registry=r)
-        self.backend_up = Gauge("llmserve_backend_up", "1 when the model server answers /health with ok", registry=r)
+        self.backend_up = Gauge("llmserve_backend_up", "1 while a model server (replica) answers /info; 0 while it is out of rotation",
+                                ["replica"], registry=r)

@@ -19,7 +19,6 @@ from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.backend_client import BackendClient
 from app.errors import InvalidRequest
 from app.generation import ClientDisconnected, until_disconnect
 from app.request_log import CLIENT_CLOSED
@@ -90,14 +89,14 @@ def _base64_f32(vector: list[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
-def add_embeddings_route(app: FastAPI, client: BackendClient, registry, dependencies: list) -> None:
-    """Register POST /v1/embeddings; `registry` checks the model name (ModelRegistry), `dependencies`
-    are the other routes' (API keys)."""
+def add_embeddings_route(app: FastAPI, router, dependencies: list) -> None:
+    """Register POST /v1/embeddings; `router` (app/replicas.py) checks the model name and picks the
+    least loaded model server serving it; `dependencies` are the other routes' (API keys)."""
 
     @app.post("/v1/embeddings", dependencies=dependencies)
     async def embeddings(body: EmbeddingRequest, request: Request):
-        info = await registry.check(body.model)
-        job = client.embed(EmbedRequest(inputs=inputs_of(body), dimensions=body.dimensions))
+        info = await router.check(body.model)
+        job = router.pick(info.name).client.embed(EmbedRequest(inputs=inputs_of(body), dimensions=body.dimensions))
         try:
             result = await until_disconnect(request, job)
         except ClientDisconnected:  # nobody to answer; the access log says so

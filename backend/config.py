@@ -33,10 +33,19 @@ class BackendSettings(BaseSettings):
         "if any; 'none': no speculation",
     )
     medusa_tree: str = Field(
-        "", description="tuning result (JSON from backend.medusa.tune), a medusa_choices list, or a file of one; "
-        "empty: measure the cost curve at start and tune on the first steps' acceptance"
+        "", description="a fixed draft path verified whole every step: a tuning result (JSON from "
+        "backend.medusa.tune), a medusa_choices list, or a file of one; empty: every head's top-1 guess, "
+        "verified or not and shortened per step by the plan (measured costs, live acceptance)"
     )
-    medusa_max_streams: int = Field(0, ge=0, description="speculate while at most this many sequences decode (0: the tuning's, else 1)")
+    medusa_max_streams: int = Field(
+        0, ge=0, description="verify drafts only while at most this many sequences decode (0: the tuning's, else "
+        "the plan decides per step)"
+    )
+    prompt_lookup: str = Field(
+        "auto", pattern="^(auto|off)$",
+        description="prompt-lookup drafts (the tokens that followed the last n-gram earlier in prompt or output): "
+        "'auto' (verified where the plan says they pay) or 'off'",
+    )
     medusa_acceptance: str = Field("lossless", pattern="^(lossless|typical)$", description="'lossless' or 'typical' (Medusa's, opt-in)")
     prompt_cache: str = Field(
         "exact", pattern="^(exact|fast|off)$",

@@ -31,7 +31,6 @@ from backend.decode_plan import VERIFY_MAX_ROWS, companion_rows, needs_companion
 from backend.grammar import GrammarError
 from backend.llama_model import LlamaModel
 from backend.logprobs import prompt_logprobs
-from backend.medusa.speculator import Speculator
 from backend.metrics import EngineMetrics
 from backend.medusa.tree import typical_ok
 from backend.medusa.verify import verify
@@ -39,6 +38,7 @@ from backend.prepare import PreparedRequest
 from backend.scheduler import Scheduler
 from backend.sequence import Request, Sequence, Sink
 from backend.slots import CacheMode, SlotManager
+from backend.speculator import Speculator
 from common.protocol import DoneEvent, ErrorEvent, PromptEvent
 
 log = logging.getLogger("backend.engine")
@@ -70,7 +70,7 @@ class Engine:
         fast_forward: bool = True,
         metrics: EngineMetrics | None = None,
     ):
-        if speculator is not None and not model.embeddings:
+        if speculator is not None and speculator.on and not model.embeddings:
             raise ValueError("Medusa needs a context with embeddings on")
         self.model = model
         self.spec = speculator
@@ -118,7 +118,7 @@ class Engine:
                 for req in admitted:
                     self.metrics.queue.observe(started - req.submitted)
             idle_ok = started - self._last_work >= IDLE_AFTER_S
-            step = self.scheduler.plan(self.spec.active_for if self.spec is not None else None, idle_ok)
+            step = self.scheduler.plan(self.spec, idle_ok)
             serves = bool(step.speculative or step.plain or step.prefill)
             if serves:
                 self._last_work = started
@@ -190,12 +190,12 @@ class Engine:
 
     # --- run ------------------------------------------------------------------------------------
     def _run(self, step) -> None:
-        for seq, draft, forced in step.speculative:
+        for seq, draft, source in step.speculative:
             if not seq.finished:  # an earlier failure in this step may have ended its request
-                self._speculative_step(seq, draft, forced)
+                self._speculative_step(seq, draft, source)
         plain = [s for s in step.plain if not s.finished]
         if plain:
-            self._decode_tokens(plain, speculate=step.speculate)
+            self._decode_tokens(plain)
         if step.prefill is not None:
             self._prefill_chunk(*step.prefill)
         if step.idle is not None:
@@ -207,7 +207,7 @@ class Engine:
         # 0 turns companion rows off: a recurrent state would advance over the throwaway token.
         return self.model.n_cells if self.model.attention_only else 0
 
-    def _decode_tokens(self, seqs: list[Sequence], speculate: bool) -> None:
+    def _decode_tokens(self, seqs: list[Sequence]) -> None:
         """One llama_decode of each sequence's next token (sequence-id order); a lone sequence past
         position 255 also gets a throwaway row at its next position, dropped right after, so that
         every token takes the attention path it takes next to others (decode_plan)."""
@@ -219,17 +219,19 @@ class Engine:
             rows.append(m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True))
             if seq.seq_id in lone:
                 m.batch_add(seq.last_token, seq.n_past + 1, seq.seq_id, False)
-        self._decode()
+        took = self._decode()
+        if self.spec is not None:
+            self.spec.observe("batch", len(seqs), took)
         for seq in seqs:
             if seq.seq_id in lone:
                 m.seq_rm(seq.seq_id, seq.n_past + 1, -1)
         for seq, row in zip(seqs, rows):
             if not seq.finished:  # a grammar failure ends every choice of its request
                 self._take(seq, row)
-        if speculate:
+        if self.spec is not None and self.spec.on and m.embeddings:  # Medusa drafts for the next step
             live = [(seq, row) for seq, row in zip(seqs, rows) if not seq.finished]
             if live:
-                drafts = self.spec.drafts(np.stack([m.hidden(row) for _, row in live]))
+                drafts = self.spec.drafts(np.stack([m.hidden(row) for _, row in live]), [seq.last_token for seq, _ in live])
                 for (seq, _), draft in zip(live, drafts):
                     seq.draft = draft
 
@@ -245,10 +247,10 @@ class Engine:
         self._emit(seq.request.sink, *events)
         return seq.last_token
 
-    def _speculative_step(self, seq: Sequence, draft: list[int], forced: bool) -> None:
+    def _speculative_step(self, seq: Sequence, draft: list[int], source: str) -> None:
         """Decode last_token + the draft in the sequence's own batch (so every row's logits are what
-        plain decoding gives), then emit target tokens while they confirm the draft. `forced`: the
-        draft starts with grammar-forced tokens (counted apart from Medusa's)."""
+        plain decoding gives), then emit target tokens while they confirm the draft. `source`: who
+        drafted it ("medusa", "lookup", or "forced": starting with grammar-forced tokens)."""
         m = self.model
         room = min(m.n_ctx_per_seq - 1 - seq.n_past, seq.max_tokens - seq.generated - 1)
         draft = draft[: max(0, min(room, VERIFY_MAX_ROWS - 1))]  # rows computed as one by one (decode_plan)
@@ -261,8 +263,10 @@ class Engine:
             # No room left for a draft (this is the request's last token): a lone row must not take
             # the split-KV path (decode_plan). Its cell goes when the request finishes.
             m.batch_add(seq.last_token, base + 1, seq.seq_id, False)
-        self._decode()
+        took = self._decode()
         spec = self.spec
+        if spec is not None:
+            spec.observe("chain", len(draft) + 1, took)
         typical = spec is not None and spec.typical and seq.constraint is None and _typical_applies(seq.request.prep.sampling)
 
         def choose_row(row: int) -> tuple[int, bool]:
@@ -271,15 +275,15 @@ class Engine:
                 if typical_ok(m.logits(row), draft[row], seq.sampler.params.temperature,
                               spec.typical_epsilon, spec.typical_alpha):
                     forced = draft[row]
-                    spec.stats.typical_accepted += 1
+                    spec.verified[source].typical_accepted += 1
             return self._take(seq, row, forced), seq.finished
 
         accepted = verify(draft, choose_row)
-        if forced:
+        if source == "forced":
             self.stats.forced_drafted += len(draft)
             self.stats.forced_accepted += accepted
-        elif draft:
-            spec.record(len(draft), accepted)
+        if draft and spec is not None:
+            spec.record(source, len(draft), accepted)
         if seq.finished:
             return
         # Keep the cells of the root and the accepted draft tokens; last_token (the token the
@@ -291,7 +295,7 @@ class Engine:
                 spec.disable("off: this model's memory cannot drop a rejected draft")
             self._fail(seq.request, "speculative decoding is not supported by this model's memory; retry")
             return
-        seq.draft = spec.drafts(m.hidden(accepted))[0] if spec is not None and spec.on and m.embeddings else []
+        seq.draft = spec.drafts(m.hidden(accepted), [seq.last_token])[0] if spec is not None and spec.on and m.embeddings else []
 
     def _prefill_chunk(self, req: Request, start: int, end: int) -> None:
         main = req.seqs[0]
@@ -322,13 +326,16 @@ class Engine:
         else:
             self._decode()
 
-    def _decode(self) -> None:
+    def _decode(self) -> float:
+        """One llama_decode of the batch; returns its seconds."""
         t0 = time.perf_counter()
         rc = self.model.decode()
-        self.stats.decode_seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.stats.decode_seconds += took
         self.stats.steps += 1
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        return took
 
     def _start_decoding(self, req: Request, last_row: int) -> None:
         p = req.prep

@@ -229,6 +229,12 @@ class LlamaModel:
     def seq_cp(self, src: int, dst: int) -> None:
         llama.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def __enter__(self) -> "LlamaModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if getattr(self, "batch", None) is not None:
             llama.llama_batch_free(self.batch)

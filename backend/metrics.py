@@ -63,16 +63,7 @@ class ServiceCollector(Collector):
             yield gauge("llmserve_prefix_cache_ram_bytes", "Host memory held by saved prompt states", cache.ram_bytes)
         spec = svc.speculator
         if spec is not None:
-            ms = spec.stats
-            yield gauge("llmserve_spec_decode_enabled", "1 while Medusa speculates (the online tuning may turn it off)", int(spec.on))
-            yield counter("llmserve_spec_decode_num_drafts", "Medusa drafts verified", ms.steps)
-            yield counter("llmserve_spec_decode_num_draft_tokens", "Medusa draft tokens verified", ms.drafted)
-            yield counter("llmserve_spec_decode_num_accepted_tokens", "Medusa draft tokens accepted", sum(ms.accepted))
-            per_pos = CounterMetricFamily("llmserve_spec_decode_num_accepted_tokens_per_pos",
-                                          "Medusa draft tokens accepted, by depth in the draft", labels=["position"])
-            for d, n in enumerate(ms.accepted):
-                per_pos.add_metric([str(d)], n)
-            yield per_pos
+            yield from speculation_metrics(spec)
         yield counter("llmserve_grammar_compiles", "Distinct grammars compiled", svc.grammars.compiles)
         yield counter("llmserve_grammar_cache_hits", "Requests whose grammar was already compiled", svc.grammars.hits)
         yield counter("llmserve_grammar_forced_tokens", "Grammar-forced tokens verified as drafts (fast-forward)", st.forced_drafted)
@@ -84,3 +75,45 @@ def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
+
+
+def speculation_metrics(spec) -> Iterator[Metric]:
+    """Per drafting source (medusa, lookup, forced): verify decodes and their tokens (vLLM's
+    spec_decode names), the acceptance every offered draft was judged at, and the cost tables the plan
+    uses."""
+    labelled = {
+        "enabled": GaugeMetricFamily("llmserve_spec_decode_enabled", "1 while the source drafts", labels=["source"]),
+        "drafts": CounterMetricFamily("llmserve_spec_decode_num_drafts", "Drafts verified", labels=["source"]),
+        "draft_tokens": CounterMetricFamily("llmserve_spec_decode_num_draft_tokens", "Draft tokens verified", labels=["source"]),
+        "accepted": CounterMetricFamily("llmserve_spec_decode_num_accepted_tokens", "Draft tokens accepted", labels=["source"]),
+    }
+    per_pos = CounterMetricFamily("llmserve_spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by depth in the draft", labels=["source", "position"])
+    judged = GaugeMetricFamily("llmserve_spec_decode_judged_acceptance",
+                               "Acceptance of every draft offered, verified or not, by depth (given the depths before matched)",
+                               labels=["source", "position"])
+    on = {"medusa": spec.on, "lookup": spec.lookup, "forced": True}
+    for source, st in spec.verified.items():
+        labelled["enabled"].add_metric([source], int(on[source]))
+        labelled["drafts"].add_metric([source], st.steps)
+        labelled["draft_tokens"].add_metric([source], st.drafted)
+        labelled["accepted"].add_metric([source], sum(st.accepted))
+        for d, n in enumerate(st.accepted):
+            per_pos.add_metric([source, str(d)], n)
+        for d, rate in enumerate(spec.judged[source].as_list()):
+            if rate is not None:
+                judged.add_metric([source, str(d)], rate)
+    yield from labelled.values()
+    yield per_pos
+    yield judged
+    decisions = CounterMetricFamily("llmserve_spec_decode_plan_decisions",
+                                    "Per sequence and step: verified a draft, or decoded one token", labels=["decision"])
+    for k, v in spec.decisions.items():
+        decisions.add_metric([k], v)
+    yield decisions
+    cost = GaugeMetricFamily("llmserve_decode_cost_seconds", "The plan's decode cost table (moving average)",
+                             labels=["kind", "size"])
+    for kind, table in (("verify_rows", spec.chain), ("step_sequences", spec.batch)):
+        for size, ms in sorted(table.ms.items()):
+            cost.add_metric([kind, str(size)], ms / 1000)
+    yield cost

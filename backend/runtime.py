@@ -21,7 +21,7 @@ from backend.engine import Engine
 from backend.grammar import GrammarCompiler
 from backend.llama_model import ContextConfig, LlamaModel
 from backend.medusa.loading import build_speculator, heads_path, report
-from backend.medusa.speculator import Speculator
+from backend.speculator import Speculator
 from backend.metrics import EngineMetrics, ServiceCollector
 from backend.model_files import default_cache_dir, resolve_model
 from backend.prepare import PreparedRequest, prepare
@@ -77,16 +77,22 @@ class ModelService:
     def medusa_report(self) -> MedusaReport | None:
         return report(self.speculator) if self.speculator is not None else None
 
+    def speculation_report(self) -> dict | None:
+        return self.speculator.report() if self.speculator is not None else None
+
     def live_info(self) -> ModelInfo:
-        """/info: what was loaded, and whether speculation runs now (the tuning may switch it off)."""
+        """/info: what was loaded, and whether Medusa drafts now (a memory that cannot drop a rejected
+        draft switches speculation off)."""
         on = self.speculator is not None and self.speculator.on
-        return self.info.model_copy(update={"medusa": on, "medusa_report": self.medusa_report()})
+        return self.info.model_copy(update={"medusa": on, "medusa_report": self.medusa_report(),
+                                            "speculation": self.speculation_report()})
 
     def stats(self) -> Stats:
         st = self.engine.stats
         return Stats(active_requests=len(self.active_ids), steps=st.steps, prompt_tokens=st.prompt_tokens,
                      tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3),
-                     medusa=self.medusa_report(), prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report())
+                     medusa=self.medusa_report(), speculation=self.speculation_report(),
+                     prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report())
 
     def grammar_report(self) -> GrammarReport:
         g, st = self.grammars, self.engine.stats
@@ -107,7 +113,7 @@ class ModelService:
                 ),
             )
             self.speculator = build_speculator(s, model)
-            if self.speculator is None and model.embeddings:
+            if (self.speculator is None or not self.speculator.on) and model.embeddings:
                 model.stop_hidden_states()  # heads given but the tuning keeps Medusa off
             self.template = choose_template(
                 s.chat_template, model.chat_template(), model.meta("general.architecture") or "", model.meta("general.name") or path.name,
@@ -128,7 +134,7 @@ class ModelService:
                 n_parallel=model.n_parallel,
                 chat_template=self.template.text,
                 chat_template_source=self.template.source,
-                medusa=self.speculator is not None,
+                medusa=self.speculator is not None and self.speculator.on,
                 created=int(time.time()),
             )
             self.model = model

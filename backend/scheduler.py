@@ -17,29 +17,28 @@ from dataclasses import dataclass, field
 from backend.decode_plan import VERIFY_MAX_ROWS
 from backend.sequence import Request, Sequence
 from backend.slots import Slot, SlotManager
+from backend.speculator import Speculator
 
 PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
 MAX_DRAFT = VERIFY_MAX_ROWS - 1  # longer verify decodes round differently (decode_plan)
 
 
-def verifies_draft(draft_len: int, forced: bool, speculating: bool, n_decoding: int) -> bool:
-    """Whether a sequence verifies its draft this step (its own decode) instead of decoding one token
-    in the shared decode. Medusa's guesses: while Medusa speculates. Grammar-forced tokens: also when
-    the sequence decodes alone; measured (bench.structured, no Medusa), verifying forced runs in their
-    own decodes while four streams decode cost 0.74x the aggregate of the shared decode."""
-    if draft_len == 0:
-        return False
-    return speculating or (forced and n_decoding == 1)
+def forced_alone(seq: Sequence, n_decoding: int, limit: int, fast_forward: bool) -> list[int]:
+    """Without a speculator: the grammar-forced tokens a sequence verifies, only while it decodes alone;
+    measured (bench.structured, no Medusa), verifying forced runs in their own decodes while four
+    streams decode cost 0.74x the aggregate of the shared decode."""
+    if seq.constraint is None or not fast_forward or n_decoding != 1:
+        return []
+    return seq.constraint.forced(limit)
 
 
 @dataclass
 class StepPlan:
-    # (sequence, draft, whether the draft starts with grammar-forced tokens): each verified in its own decode
-    speculative: list[tuple[Sequence, list[int], bool]] = field(default_factory=list)
+    # (sequence, draft, its source: "medusa", "lookup" or "forced"): each verified in its own decode
+    speculative: list[tuple[Sequence, list[int], str]] = field(default_factory=list)
     plain: list[Sequence] = field(default_factory=list)  # one token each, one decode, sequence-id order
     prefill: tuple[Request, int, int] | None = None  # request, chunk start, chunk end
     idle: tuple[Slot, list[int], int, int] | None = None  # slot, its tokens, chunk start, chunk end
-    speculate: bool = False  # Medusa runs this step: plain decodes also draft for the next one
 
     @property
     def empty(self) -> bool:
@@ -79,18 +78,20 @@ class Scheduler:
             admitted.append(req)
         return admitted
 
-    def plan(self, speculate_for, idle_ok: bool = True) -> StepPlan:
-        """speculate_for(n): whether Medusa runs while n sequences decode (None: no Medusa);
-        idle_ok: whether an idle chunk may run if there is nothing else."""
+    def plan(self, spec: Speculator | None, idle_ok: bool = True) -> StepPlan:
+        """spec: the speculator that picks each sequence's draft (None: grammar-forced runs only, while
+        one sequence decodes); idle_ok: whether an idle chunk may run if there is nothing else."""
         decoding = sorted((s for r in self.running if r.decoding for s in r.seqs if not s.finished), key=lambda s: s.seq_id)
         step = StepPlan()
-        speculate = step.speculate = speculate_for is not None and speculate_for(len(decoding))
-        for seq in decoding:
-            if not speculate:
-                seq.draft = []  # Medusa's guesses are stale by the time speculation resumes
-            draft, forced = seq.propose(MAX_DRAFT, self.fast_forward)
-            if verifies_draft(len(draft), forced, speculate, len(decoding)):
-                step.speculative.append((seq, draft, forced))
+        if spec is not None:
+            chosen = [(c.draft, c.source) if c is not None else None
+                      for c in spec.plan(decoding, MAX_DRAFT, self.fast_forward)]
+        else:
+            chosen = [(f, "forced") if (f := forced_alone(s, len(decoding), MAX_DRAFT, self.fast_forward)) else None
+                      for s in decoding]
+        for seq, pick in zip(decoding, chosen):
+            if pick is not None:
+                step.speculative.append((seq, list(pick[0]), pick[1]))
             else:
                 step.plain.append(seq)
         req = next((r for r in self.running if not r.decoding), None)

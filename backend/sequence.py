@@ -19,6 +19,7 @@ from backend.logprobs import token_logprob
 from backend.prepare import PreparedRequest
 from backend.sampling import Sampler
 from backend.slots import Slot
+from backend.speculator import SequenceDrafts
 from backend.text_stream import TextStream
 from common.protocol import DeltaEvent, DoneEvent, FinishReason, TokenLogprob
 
@@ -43,6 +44,7 @@ class Sequence:
         self.n_past = len(prep.tokens) - 1  # position of last_token: cells exist below it
         self.last_token = prep.tokens[-1]
         self.draft: list[int] = []  # Medusa's guesses for the tokens after last_token
+        self.drafts = SequenceDrafts()  # the speculator's per-sequence state (lookup index, judgements)
         self.finished = False
 
     @property
@@ -95,17 +97,6 @@ class Sequence:
         elif self.generated >= self.max_tokens or self.n_past >= self.n_ctx:
             events += self.finish("length")
         return events
-
-    def propose(self, limit: int, fast_forward: bool) -> tuple[list[int], bool]:
-        """The draft to verify after last_token, and whether it starts with grammar-forced tokens: the
-        tokens the grammar forces (fast_forward), then Medusa's guesses for the depths after them, up
-        to the first token the grammar forbids."""
-        if self.constraint is None:
-            return self.draft, False
-        forced = self.constraint.forced(limit) if fast_forward else []
-        # Forced tokens take the depths they cover; Medusa's guesses for the depths after them follow.
-        draft = self.constraint.allowed_prefix(forced + self.draft[len(forced):])[:limit]
-        return draft, bool(forced)
 
     def finish(self, reason: FinishReason, flush: bool = True) -> list:
         events = []

@@ -195,6 +195,7 @@ class ModelInfo(BaseModel):
     chat_template_source: str = Field(description="'gguf' or the name of the built-in fallback")
     medusa: bool = False
     medusa_report: MedusaReport | None = None
+    speculation: dict | None = Field(None, description="drafting sources, their live acceptance, the decode costs the plan uses")
     created: int = Field(description="unix time the model was loaded")
 
 
@@ -229,6 +230,8 @@ class Stats(BaseModel):
     tokens_generated: int
     decode_seconds: float
     medusa: MedusaReport | None = None
+    speculation: dict | None = Field(None, description="drafting sources (medusa, lookup, forced): verified and judged "
+                                     "acceptance, decode costs, per-step decisions")
     prompt_cache: PromptCacheReport | None = None
     grammar: GrammarReport | None = None
 

@@ -379,7 +379,7 @@ async def test_the_batcher_knows_the_model_server_capacity_before_the_first_requ
         app = create_app(AppSettings(backend_url=BACKEND, max_wait_ms=0), BackendClient(BACKEND))
         async with app.router.lifespan_context(app):
             await asyncio.sleep(0.05)
-            assert info.called and app.state.batcher.capacity is None  # nothing knows the capacity yet
+            assert info.called and app.state.router.replicas[0].batcher.capacity is None  # nothing knows the capacity yet
             info.respond(200, content=INFO.model_dump_json())  # ready; the watcher's next look is seconds away
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
                 client.mock, client.app = mock, app
@@ -387,7 +387,7 @@ async def test_the_batcher_knows_the_model_server_capacity_before_the_first_requ
 
 
 async def _capacity_is_known_before_the_first_batch(api):
-    batcher = api.app.state.batcher
+    batcher = api.app.state.router.replicas[0].batcher
     seen = []
     api.mock.routes["generate"].side_effect = lambda request: (seen.append(batcher.capacity), fake_generate(request))[1]
     r = await api.post("/v1/completions", json={"model": MODEL, "prompt": "x"})

@@ -41,3 +41,20 @@ def test_quick_multiturn_benchmark_writes_its_report(tmp_path):
         assert 0 <= t2["cached_tokens"] < t2["prompt_tokens"]
     assert abs(run["summary"]["ratio_p50"] - t2["ttft_ms"] / t1["ttft_ms"]) < 0.01
     assert (tmp_path / "multiturn.md").read_text().startswith("Model ")
+
+
+def test_quick_speculation_benchmark_writes_its_report(tmp_path):
+    """bench.speculation --quick: our plain and Medusa + lookup configurations on two prompts."""
+    out = subprocess.run([sys.executable, "-m", "bench.speculation", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "speculation.json").read_text())
+    assert list(report["servers"]) == ["ours plain", "ours Medusa + lookup"]
+    for srv in report["servers"].values():
+        row = srv["levels"][0]
+        assert row["streams"] == 1 and row["tokens"] > 0 and row["stream_tok_s"] > 0
+    # greedy: the speculative configuration wrote what plain decoding wrote, for both prompts
+    assert report["summary"]["greedy_identical_to_plain"] == {"ours Medusa + lookup": "2/2"}
+    both = report["servers"]["ours Medusa + lookup"]
+    assert set(both["acceptance_by_category"]) == {"chat", "instruction", "code", "prose", "rag", "rewrite"}
+    assert (tmp_path / "speculation.md").read_text().startswith("### Mixed prompt set")

@@ -97,7 +97,12 @@ def test_long_prompts_prefilled_while_others_decode_match_alone(model_service):
     reqs = [req(p, max_tokens=n, logprobs=0) for p, n in mixed]
     together = run_requests(model_service, reqs)
     alone = [one(model_service, prompt=p, max_tokens=n, logprobs=0).choices[0] for p, n in mixed]
-    # The long prompts really were prefilled while a short one decoded: it produced tokens meanwhile.
+    assert_long_prefill_overlapped_and_exact(reqs, together, alone)
+
+
+def assert_long_prefill_overlapped_and_exact(reqs, together, alone) -> None:
+    """reqs[1] (a long prompt) was prefilled while reqs[0] decoded (reqs[0] produced 3+ tokens before
+    reqs[1]'s first), and every request's tokens and logprobs are exactly those of `alone`."""
     first_long = together[reqs[1].id].choices[0].token_times[0]
     assert sum(first_long > t for t in together[reqs[0].id].choices[0].token_times) >= 3
     for r, expected in zip(reqs, alone):

@@ -78,8 +78,10 @@ def masked_only(model_service):
 
 @pytest.fixture(scope="module")
 def with_medusa(model_service):
-    """Fast-forward and the shipped Medusa heads, speculating under any concurrency."""
-    service = start(model_service, medusa_heads="auto", medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8)
+    """Fast-forward and the shipped Medusa heads, speculating under any concurrency (prompt lookup off:
+    Medusa's drafts are the ones under test)."""
+    service = start(model_service, medusa_heads="auto", medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8,
+                    prompt_lookup="off")
     assert service.speculator is not None
     yield service
     service.close()

@@ -18,7 +18,7 @@ from backend.local import run_requests
 from backend.medusa.init_heads import base_initialised_heads
 from backend.runtime import ModelService
 from common.protocol import GenerationRequest
-from tests.test_engine import LONG_PROMPTS
+from tests.test_engine import LONG_PROMPTS, assert_long_prefill_overlapped_and_exact
 
 PROMPTS = [
     "1 1 1 1 1 1 1 1",
@@ -69,7 +69,8 @@ class Speculated:
     def __exit__(self, *exc):
         self.steps = self.stats.steps - self.steps0
         self.tokens_per_step = (self.stats.tokens - self.tokens0) / self.steps if self.steps else 0.0
-        self.accepted = [a - b for a, b in zip(self.stats.accepted, self.accepted0)]
+        before = self.accepted0 + [0] * (len(self.stats.accepted) - len(self.accepted0))  # depths appear as judged
+        self.accepted = [a - b for a, b in zip(self.stats.accepted, before)]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def medusa_service(model_service, plain_greedy, tmp_path_factory):
     # Speculate under any concurrency here, to check exactness when streams share steps.
     settings = BackendSettings(
         model=str(model_service.model.path), ctx_size=1024, n_parallel=4, threads=2,
-        medusa_heads=str(path), medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8,
+        medusa_heads=str(path), medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8, prompt_lookup="off",
     )
     service = ModelService(settings)
     service.load()
@@ -118,6 +119,25 @@ def test_seeded_sampling_is_lossless_and_reproducible(model_service, medusa_serv
         assert tokens(medusa_service, reqs(**kw), together=True) == plain
     assert alone.steps > 20 and alone.tokens_per_step > 1.1
     assert together.steps > 20 and together.tokens_per_step > 1.1
+
+
+def test_long_prompts_prefilled_while_others_speculate_match_plain(model_service, medusa_service):
+    """Prompts of three prefill chunks, cold (a fresh first line: nothing cached), join while short
+    requests decode and speculate: every request's tokens and logprobs are plain decoding's alone."""
+    fresh = f"Log m{next(_ids)}.\n"
+    mixed = [(PROMPTS[0], 40), (fresh + LONG_PROMPTS[1], 24), (PROMPTS[8], 57), (fresh + LONG_PROMPTS[0], 24)]
+    assert all(len(model_service.model.tokenize(p, True)) > 600 for p, _ in mixed[1::2])
+
+    def requests():
+        return [GenerationRequest(id=f"m{next(_ids)}", prompt=p, max_tokens=n, temperature=0.0, logprobs=0)
+                for p, n in mixed]
+
+    plain = [run_requests(model_service, [r])[r.id].choices[0] for r in requests()]
+    together_reqs = requests()
+    with Speculated(medusa_service) as ran:
+        together = run_requests(medusa_service, together_reqs)
+    assert_long_prefill_overlapped_and_exact(together_reqs, together, plain)
+    assert ran.steps > 10 and ran.tokens_per_step > 1.1
 
 
 def test_n_choices_and_logprobs_are_those_of_plain_decoding(model_service, medusa_service):
@@ -169,7 +189,7 @@ def test_stop_strings_and_eos_inside_a_draft(model_service, medusa_service, tmp_
     MedusaHeads([base.heads[0], eos_head, eos_head], token_map=base.token_map).save(tmp_path / "eos.safetensors")
     service = ModelService(BackendSettings(model=str(m.path), ctx_size=256, n_parallel=2, threads=2,
                                            medusa_heads=str(tmp_path / "eos.safetensors"),
-                                           medusa_tree="[[0], [0, 0], [0, 0, 0]]"))
+                                           medusa_tree="[[0], [0, 0], [0, 0, 0]]", prompt_lookup="off"))
     service.load()
     try:
         for ignore_eos in (False, True):
@@ -295,20 +315,27 @@ def test_a_tuning_that_found_no_gain_keeps_medusa_off(model_service, medusa_serv
                                            medusa_heads=medusa_service.settings.medusa_heads, medusa_tree=str(tree)))
     service.load()
     try:
-        assert service.error is None and service.speculator is None and service.info.medusa is False
+        assert service.error is None and service.info.medusa is False
+        assert service.speculator.heads is None and not service.speculator.on  # prompt lookup stays
     finally:
         service.engine.shutdown()
 
 
-def test_without_a_tree_the_server_measures_costs_and_tunes_online(model_service, medusa_service, plain_greedy):
+def test_without_a_tree_the_server_measures_costs_and_plans_each_step(model_service, medusa_service, plain_greedy):
     service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=4,
                                            threads=2, medusa_heads=medusa_service.settings.medusa_heads))
     service.load()
     try:
         spec = service.speculator
-        assert service.error is None and spec.costs is not None and spec.note == "tuning online"
-        assert set(spec.costs[0]) == {1, 2, 3, 4} and set(spec.costs[1]) == {1, 2, 3, 4}
-        assert tokens(service, reqs(count=3), together=False) == plain_greedy[:3]
+        assert service.error is None and not spec.pinned and spec.note == "planned per step"
+        # Verify decodes of 1..7 rows and shared steps of 1..4 sequences, measured at load.
+        assert set(spec.chain.ms) >= set(range(1, 8)) and set(spec.batch.ms) >= {1, 2, 3, 4}
+        assert tokens(service, reqs(), together=False) == plain_greedy
+        assert tokens(service, reqs(), together=True) == plain_greedy
+        verified = sum(st.steps for st in spec.verified.values())
+        judged = spec.judged["medusa"].judged
+        assert verified > 20 and judged and judged[0] > 100  # drafts were verified, and every one judged
+        assert spec.decisions["verify"] + spec.decisions["plain"] >= sum(len(t) for t in plain_greedy) // 7
     finally:
         service.engine.shutdown()
 
@@ -316,7 +343,8 @@ def test_without_a_tree_the_server_measures_costs_and_tunes_online(model_service
 def test_the_shipped_heads_are_found_and_keep_greedy_exact(model_service, plain_greedy):
     # MEDUSA_HEADS=auto finds heads/<GGUF stem>/heads.safetensors, trained by backend.medusa.train.
     service = ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=4,
-                                           threads=2, medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8))
+                                           threads=2, medusa_tree="[[0], [0, 0], [0, 0, 0]]", medusa_max_streams=8,
+                                           prompt_lookup="off"))
     service.load()
     try:
         assert service.error is None and service.info.medusa

@@ -189,20 +189,63 @@ def test_plan_picks_the_fastest_length_or_stays_off():
                              "(acceptance [0.02, 0.0, 0.0])")
 
 
-def test_online_tuning_switches_off_a_draft_that_does_not_pay_and_keeps_one_that_does():
-    from backend.medusa.speculator import Speculator
-    from backend.medusa.tree import chain as top1
+class FakeSeq:
+    """What the speculator reads of a sequence: its prompt, generated tokens, Medusa draft, grammar."""
+
+    def __init__(self, prompt: list[int], draft: list[int]):
+        from backend.speculator import SequenceDrafts
+
+        self.request = type("R", (), {"tokens": prompt})()
+        self.tokens: list[int] = []
+        self.draft = draft
+        self.constraint = None
+        self.drafts = SequenceDrafts()
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
+
+
+def test_the_speculator_follows_live_acceptance_judged_on_drafts_it_did_not_verify():
+    from backend.speculator import Speculator
 
     heads = heads_from_state_dict(fd_state(n_heads=3))
-    costs = ({1: 18.0, 2: 20.0, 3: 23.0, 4: 28.0}, {1: 18.0, 2: 20.0})
-    spec = Speculator(heads, top1(3), costs=costs, tune_after=10)
-    for _ in range(10):
-        spec.record(draft_len=3, accepted=0)
-    assert not spec.active_for(1) and "off after 10 steps" in spec.note
-    assert spec.drafts(np.zeros((1, H), np.float32)) == [[]]
+    costs = ({1: 20.0, 2: 22.0, 3: 25.0, 4: 30.0, 7: 45.0}, {1: 20.0, 2: 22.0})
+    spec = Speculator(heads, chain(3), costs, lookup=True)
+    seq = FakeSeq([1, 2, 3, 4, 5, 6, 7, 8], draft=[40, 41, 42])
+    # Before anything is judged every depth is 0.5: gains E(L) - chain(L + 1) / 20 ms are 0.4 (L=1),
+    # 0.5 (L=2: 1.75 - 25/20), 0.375 (L=3): two of Medusa's guesses; the prompt never repeats, so
+    # lookup has nothing to offer.
+    first = spec.plan([seq], 6, True)[0]
+    assert first.source == "medusa" and first.draft == (40, 41)
+    # The model writes other tokens, again and again: Medusa's drafts are judged wrong at depth 0.
+    for t in range(20):
+        seq.tokens.append(100 + t)
+        seq.draft = [40, 41, 42]
+        chosen = spec.plan([seq], 6, True)[0]
+    assert chosen is None  # no longer worth a verify
+    assert spec.judged["medusa"].judged[0] == 20 and spec.judged["medusa"].accepted == [0]
+    assert spec.decisions == {"verify": 1, "plain": 20}
+    # The text starts repeating an earlier span: lookup proposes what followed (never judged yet: 0.5
+    # a depth, so two tokens of it, as for Medusa above), and it is right.
+    seq.tokens += [1, 2, 3]
+    chosen = spec.plan([seq], 6, True)[0]
+    assert chosen.source == "lookup" and chosen.draft == (4, 5)
+    seq.tokens += [4, 5, 6, 7, 8, 100]  # what followed "1 2 3" the first time, in the prompt and after it
+    spec.plan([seq], 6, True)
+    assert spec.judged["lookup"].accepted == [1] * 6
+    assert spec.lookup_by_ngram[3].judged[0] == 1  # "1 2 3" matched: judged under its n-gram length
 
-    spec = Speculator(heads, top1(3), costs=costs, tune_after=10)
-    for i in range(10):
-        spec.record(draft_len=3, accepted=1 if i % 2 else 0)  # head 0 right half the time
-    assert spec.active_for(1) and not spec.active_for(2)
-    assert spec.ranks == [0] and "tuned after 10 steps" in spec.note
+
+def test_max_streams_and_pinned_plans():
+    from backend.speculator import Speculator
+
+    heads = heads_from_state_dict(fd_state(n_heads=3))
+    costs = ({1: 20.0, 2: 22.0, 3: 25.0, 4: 30.0}, {1: 20.0, 2: 22.0})
+    spec = Speculator(heads, chain(3), costs, lookup=False, max_streams=1, pinned=True)
+    a, b = FakeSeq([1, 2], [5, 6, 7]), FakeSeq([1, 2], [5, 6, 7])
+    assert [c.draft for c in spec.plan([a], 6, True)] == [(5, 6, 7)]  # pinned: whole, whatever it pays
+    assert spec.plan([a, b], 6, True) == [None, None]  # two streams decode: over MEDUSA_MAX_STREAMS
+    assert spec.drafts(np.zeros((1, H), np.float32), [7]) != [[]]
+    spec.disable("off: test")
+    assert not spec.on and not spec.active and spec.drafts(np.zeros((1, H), np.float32), [7]) == [[]]

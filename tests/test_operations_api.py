@@ -138,7 +138,7 @@ async def test_metrics_count_requests_tokens_latencies_and_batches():
     assert m[("llmserve_inter_token_latency_seconds_count", ())] == 1 + 1 + 2  # one gap per choice
     assert m[("llmserve_batcher_batch_size_count", ())] == 4 and m[("llmserve_request_queue_time_seconds_count", ())] == 4
     assert m[("llmserve_num_requests_running", ())] == 0 and m[("llmserve_num_requests_waiting", ())] == 0
-    assert m[("llmserve_backend_up", ())] == 1
+    assert m[("llmserve_backend_up", (("replica", BACKEND),))] == 1
 
 
 async def test_a_full_batcher_queue_counts_as_rejected():
@@ -168,9 +168,9 @@ async def test_a_model_server_restart_is_noticed_and_what_was_cached_refreshed()
         api.mock.routes["info"].respond(200, content=restarted.model_dump_json())
         for _ in range(100):
             await asyncio.sleep(0.02)
-            if api.app.state.batcher.capacity == 2:
+            if api.app.state.router.replicas[0].batcher.capacity == 2:
                 break
-        assert api.app.state.batcher.capacity == 2
+        assert api.app.state.router.replicas[0].batcher.capacity == 2
         assert (await api.get("/v1/models")).json()["data"][0]["id"] == "other-model"
         r = await api.post("/v1/completions", json=COMPLETION)
         assert r.status_code == 404 and "other-model" in r.json()["error"]["message"]

@@ -98,7 +98,7 @@ def test_the_converted_model_and_heads_compute_what_the_originals_compute(prepar
 
 def test_the_preset_serves_with_medusa_and_the_vicuna_template(prepared):
     cache, meta, _, _ = prepared
-    common = dict(preset="vicuna-7b", model_cache=str(cache), ctx_size=256, n_parallel=2, threads=2)
+    common = dict(preset="vicuna-7b", model_cache=str(cache), ctx_size=256, n_parallel=2, threads=2, prompt_lookup="off")
     service = ModelService(BackendSettings(**common))
     plain = ModelService(BackendSettings(**common, medusa_heads="none"))
     service.load()

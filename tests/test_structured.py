@@ -12,7 +12,7 @@ import pytest
 from app.tool_stream import Arguments, CallStart, Content, ReplyReader
 from backend.chat_template import choose_template
 from backend.grammar import apply_mask
-from backend.scheduler import verifies_draft
+from backend.scheduler import forced_alone
 from common import tool_format
 from common.protocol import ChatMessage, ToolCall, ToolDefinition
 
@@ -96,12 +96,14 @@ def test_apply_mask_keeps_exactly_the_allowed_tokens():
     assert np.all(np.isneginf(logits[~allowed]))
 
 
-def test_a_draft_is_verified_when_speculating_or_when_a_forced_run_decodes_alone():
-    assert not verifies_draft(0, forced=True, speculating=True, n_decoding=1)
-    assert verifies_draft(1, forced=False, speculating=True, n_decoding=3)
-    assert not verifies_draft(5, forced=False, speculating=False, n_decoding=1)  # Medusa's guesses only while it speculates
-    assert verifies_draft(3, forced=True, speculating=False, n_decoding=1)
-    assert not verifies_draft(3, forced=True, speculating=False, n_decoding=4)  # its own decode would slow the others
+def test_without_a_speculator_a_forced_run_is_verified_only_while_its_sequence_decodes_alone():
+    forcing = type("S", (), {"constraint": type("C", (), {"forced": lambda self, limit: [5, 6, 7][:limit]})()})()
+    free = type("S", (), {"constraint": None})()
+    assert forced_alone(forcing, 1, 6, fast_forward=True) == [5, 6, 7]
+    assert forced_alone(forcing, 1, 2, fast_forward=True) == [5, 6]
+    assert forced_alone(forcing, 4, 6, fast_forward=True) == []  # its own decode would slow the others
+    assert forced_alone(forcing, 1, 6, fast_forward=False) == []
+    assert forced_alone(free, 1, 6, fast_forward=True) == []
 
 
 def test_base_model_without_template_gets_a_transcript_that_stops_at_the_next_user_line():

@@ -6,6 +6,13 @@ subset of it with a token map (Gemma's 262,144-token vocabulary makes a full pro
 needlessly large). Two files load: FasterDecoding's `medusa_lm_head.pt` / `.safetensors` (keys
 `{h}.{l}.linear.weight|bias` for the ResBlocks, `{h}.{L}.weight` for the projection) and the
 project's own safetensors, which is the same layout plus an optional `token_map`.
+
+Sequential heads (the project's own, `input_embed` in the file) also read the token before their
+target, as Hydra's heads do: when a draft is made, the token at t+1 has just been chosen from the
+base model's logits, so head 0 sees it, and head k sees head k-1's guess. Depth k's state is
+s_k = s_{k-1} + SiLU(W_k [s_{k-1}; e(x_{t+k})] + b_k), s_0 = the hidden state, e a learned embedding
+of the token map's tokens (one more row for any other token); its guess is P_k s_k. The base model
+stays frozen and every guess is verified by it, so the heads change only how many tokens a step yields.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from backend.medusa.tree import candidates
 
 _RESBLOCK = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
 _PROJ = re.compile(r"^(\d+)\.(\d+)\.weight$")
@@ -31,13 +40,54 @@ class Head:
     proj: np.ndarray  # [V_head, H]
 
 
+def _silu_residual(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    return x + z / (1.0 + np.exp(-z))
+
+
 class MedusaHeads:
-    def __init__(self, heads: list[Head], token_map: np.ndarray | None = None):
+    def __init__(self, heads: list[Head], token_map: np.ndarray | None = None, input_embed: np.ndarray | None = None):
         if not heads:
             raise HeadsError("no Medusa heads")
         self.heads = heads
         self.token_map = token_map
+        self.input_embed = input_embed  # [len(token_map) + 1, H]: sequential heads; None: Medusa's
         self.hidden_size = heads[0].proj.shape[1]
+
+    @property
+    def sequential(self) -> bool:
+        return self.input_embed is not None
+
+    def input_index(self, tokens: np.ndarray) -> np.ndarray:
+        """Rows of input_embed for token ids: their place in the token map, else the last row."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        unknown = len(self.input_embed) - 1
+        if self.token_map is None:
+            return np.where((tokens >= 0) & (tokens < unknown), tokens, unknown)
+        idx = np.clip(np.searchsorted(self.token_map, tokens), 0, len(self.token_map) - 1)
+        return np.where(self.token_map[idx] == tokens, idx, unknown)
+
+    def draft(self, hidden: np.ndarray, last_tokens: list[int], ranks: list[int]) -> list[list[int]]:
+        """One draft per row of hidden states [B, H]: at depth d, head d's rank-ranks[d] guess.
+        last_tokens: the token each row's logits chose (what sequential heads start from)."""
+        if not ranks:
+            return [[] for _ in range(np.atleast_2d(hidden).shape[0])]
+        if not self.sequential:
+            props = self.propose(hidden, max(ranks) + 1, n=len(ranks))  # only the heads the draft uses
+            return [candidates(props[:, b, :], ranks) for b in range(props.shape[1])]
+        x = np.atleast_2d(np.asarray(hidden, dtype=np.float32))
+        prev = np.asarray(last_tokens, dtype=np.int64)
+        out = np.empty((x.shape[0], len(ranks)), dtype=np.int64)
+        for d, r in enumerate(ranks):
+            head = self.heads[d]
+            (w, b), rest = head.blocks[0], head.blocks[1:]
+            x = _silu_residual(x, np.concatenate([x, self.input_embed[self.input_index(prev)]], axis=1) @ w.T + b)
+            for w, b in rest:
+                x = _silu_residual(x, x @ w.T + b)
+            lg = x @ head.proj.T
+            pick = np.argmax(lg, axis=1) if r == 0 else np.argsort(-lg, axis=1, kind="stable")[:, r]
+            prev = self.token_map[pick] if self.token_map is not None else pick
+            out[:, d] = prev
+        return out.tolist()
 
     @property
     def n_heads(self) -> int:
@@ -52,11 +102,12 @@ class MedusaHeads:
         x0 = np.atleast_2d(np.asarray(hidden, dtype=np.float32))
         heads = self.heads[: self.n_heads if n is None else n]
         out = np.empty((len(heads), x0.shape[0], self.n_outputs), dtype=np.float32)
+        if self.sequential:
+            raise HeadsError("sequential heads guess one depth after another: use draft()")
         for k, head in enumerate(heads):
             x = x0
             for w, b in head.blocks:
-                z = x @ w.T + b
-                x = x + z / (1.0 + np.exp(-z))  # SiLU
+                x = _silu_residual(x, x @ w.T + b)
             out[k] = x @ head.proj.T
         return out
 
@@ -71,9 +122,16 @@ class MedusaHeads:
 
     def check(self, hidden_size: int, n_vocab: int) -> None:
         """Fail with a clear message unless these heads fit a model of this shape."""
+        if self.sequential and self.input_embed.shape[1] != hidden_size:
+            raise HeadsError(f"input_embed {self.input_embed.shape} does not match the model's hidden size {hidden_size}")
+        if self.sequential and self.token_map is not None and len(self.input_embed) != len(self.token_map) + 1:
+            raise HeadsError(f"input_embed has {len(self.input_embed)} rows, the token map {len(self.token_map)} (+1)")
         for k, head in enumerate(self.heads):
-            for w, b in head.blocks:
-                if w.shape != (hidden_size, hidden_size) or b.shape != (hidden_size,):
+            if self.sequential and (not head.blocks or head.blocks[0][0].shape != (hidden_size, 2 * hidden_size)):
+                raise HeadsError(f"head {k}: a sequential head's first block must be [{hidden_size}, {2 * hidden_size}]")
+            for layer, (w, b) in enumerate(head.blocks):
+                cols = 2 * hidden_size if self.sequential and layer == 0 else hidden_size
+                if w.shape != (hidden_size, cols) or b.shape != (hidden_size,):
                     raise HeadsError(
                         f"head {k}: ResBlock weight {w.shape} / bias {b.shape} do not match the model's "
                         f"hidden size {hidden_size}"
@@ -106,6 +164,8 @@ class MedusaHeads:
             tensors[f"{h}.{len(head.blocks)}.weight"] = head.proj.astype(dtype)
         if self.token_map is not None:
             tensors["token_map"] = self.token_map.astype(np.int32)
+        if self.input_embed is not None:
+            tensors["input_embed"] = self.input_embed.astype(dtype)
         save_file(tensors, str(path), metadata={"format": "llm-serve-medusa", **(metadata or {})})
 
 
@@ -114,11 +174,13 @@ def heads_from_state_dict(state: dict[str, np.ndarray]) -> MedusaHeads:
     published config's medusa_num_heads can be wrong: vicuna-7b-v1.3's says 2, its file holds 5)."""
     blocks: dict[int, dict[int, dict[str, np.ndarray]]] = {}
     projs: dict[int, tuple[int, np.ndarray]] = {}
-    token_map = None
+    token_map = input_embed = None
     for key, value in state.items():
         arr = np.asarray(value, dtype=np.float32) if key != "token_map" else np.asarray(value, dtype=np.int64)
         if key == "token_map":
             token_map = arr
+        elif key == "input_embed":
+            input_embed = arr
         elif m := _RESBLOCK.match(key):
             blocks.setdefault(int(m[1]), {}).setdefault(int(m[2]), {})[m[3]] = arr
         elif m := _PROJ.match(key):
@@ -139,7 +201,7 @@ def heads_from_state_dict(state: dict[str, np.ndarray]) -> MedusaHeads:
         if missing:
             raise HeadsError(f"head {h}: missing {', '.join(missing)}")
         heads.append(Head([(got[i]["weight"], got[i]["bias"]) for i in range(layer)], proj))
-    return MedusaHeads(heads, token_map)
+    return MedusaHeads(heads, token_map, input_embed)
 
 
 def resolve_heads_file(path: Path) -> Path:

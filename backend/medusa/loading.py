@@ -1,4 +1,5 @@
-"""Turn the MEDUSA_* settings into a Speculator for a loaded model, or say why Medusa stays off."""
+"""Turn the MEDUSA_* and PROMPT_LOOKUP settings into a Speculator for a loaded model, or say why
+there is none."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import logging
 from pathlib import Path
 
 from backend.config import BackendSettings
+from backend.decode_plan import VERIFY_MAX_ROWS
 from backend.llama_model import LlamaModel
 from backend.medusa.heads import load_heads
 from backend.medusa.planning import measure_costs
-from backend.medusa.speculator import Speculator
 from backend.medusa.tree import chain, load_tree
+from backend.speculator import Speculator
 from common.protocol import MedusaReport
 
 log = logging.getLogger("backend.medusa")
@@ -30,37 +32,42 @@ def heads_path(spec: str, model_path: Path) -> Path | None:
 
 
 def build_speculator(s: BackendSettings, model: LlamaModel) -> Speculator | None:
+    """The speculator these settings ask for: Medusa's heads (MEDUSA_HEADS) and prompt lookup
+    (PROMPT_LOOKUP), with this machine's decode costs measured now; None when both are off."""
     path = heads_path(s.medusa_heads, model.path)
-    if path is None:
+    heads, choices, tuning = None, [], {}
+    if path is not None:
+        heads = load_heads(path, model.n_embd, model.n_vocab)
+        # No MEDUSA_TREE: every head's top-1 guess, shortened per step by the plan.
+        choices, tuning = load_tree(s.medusa_tree) if s.medusa_tree else (chain(heads.n_heads), {})
+        if tuning.get("enabled") is False:
+            log.warning("medusa: off, the tuning found no draft that beats plain decoding: %s", tuning.get("reason", ""))
+            heads, choices = None, []
+    lookup = s.prompt_lookup == "auto"
+    if heads is None and not lookup:
         return None
-    heads = load_heads(path, model.n_embd, model.n_vocab)
-    costs = None
-    if s.medusa_tree:
-        choices, tuning = load_tree(s.medusa_tree)
-    else:
-        # No tuning given: measure this machine's cost curve now and tune on live acceptance.
-        choices, tuning = chain(heads.n_heads), {}
-        costs = measure_costs(model, list(range(1, heads.n_heads + 2)), reps=3)
-        log.info("medusa: no MEDUSA_TREE; measured decode ms %s, tuning on the first steps' acceptance",
-                 {k: round(v, 1) for k, v in costs[0].items()})
-    if tuning.get("enabled") is False:
-        log.warning("medusa: off, the tuning found no draft that beats plain decoding: %s", tuning.get("reason", ""))
-        return None
-    max_streams = s.medusa_max_streams or int(tuning.get("max_streams", 1))
-    spec = Speculator(heads, choices, max_streams=max_streams, acceptance=s.medusa_acceptance, costs=costs,
-                      fixed_max_streams=bool(s.medusa_max_streams))
+    costs = measure_costs(model, list(range(1, VERIFY_MAX_ROWS + 1)), reps=3)
+    log.info("speculation: measured decode ms, verify rows %s, shared step sequences %s",
+             {k: round(v, 1) for k, v in costs[0].items()}, {k: round(v, 1) for k, v in costs[1].items()})
+    max_streams = s.medusa_max_streams or tuning.get("max_streams") or None
+    spec = Speculator(heads, choices, costs, lookup=lookup, max_streams=max_streams, pinned=bool(s.medusa_tree),
+                      acceptance=s.medusa_acceptance)
     log.info(
-        "medusa: %d heads, draft path %s, speculating up to %d streams, %s acceptance",
-        heads.n_heads, [list(c) for c in choices], max_streams, s.medusa_acceptance,
+        "speculation: medusa %s, prompt lookup %s, %s, %s acceptance",
+        f"{heads.n_heads} heads, draft path {[list(c) for c in choices]}" if heads is not None else "off",
+        "on" if lookup else "off", "verifying up to %d streams" % max_streams if max_streams else "planned per step",
+        s.medusa_acceptance,
     )
     return spec
 
 
-def report(spec: Speculator) -> MedusaReport:
+def report(spec: Speculator) -> MedusaReport | None:
+    if spec.heads is None:
+        return None
     return MedusaReport(
         heads=spec.heads.n_heads,
         choices=[list(c) for c in spec.choices],
-        max_streams=spec.max_streams,
+        max_streams=spec.max_streams or 0,
         acceptance="typical" if spec.typical else "lossless",
         note=spec.note,
         **spec.stats.as_dict(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from backend.draft_plan import expected_tokens
 from backend.llama_model import LlamaModel
 from backend.medusa.tree import chain
 
@@ -51,14 +52,6 @@ def measure_costs(
     for s in range(n_seqs):
         model.seq_rm(s)
     return chain_cost, batch_cost
-
-
-def expected_tokens(acceptance: list[float], length: int) -> float:
-    e, p = 1.0, 1.0
-    for a in acceptance[:length]:
-        p *= a
-        e += p
-    return e
 
 
 def plan(acceptance: list[float], chain_cost: dict[int, float], batch_cost: dict[int, float]) -> dict:
