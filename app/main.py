@@ -117,7 +117,7 @@ def create_app(settings: AppSettings, client: BackendClient | None = None, drain
         gen = Generation(router, [build_request(body)], info.name, request.state.record)
         return await respond(request, gen, ChatResponder(body, info.name, gen), bool(body.stream))
 
-    add_embeddings_route(app, router, dependencies=[Depends(authorize)])
+    add_embeddings_route(app, router, dependencies=[Depends(authorize)], max_queue=settings.max_queue, metrics=metrics)
 
     return app
 

@@ -4,7 +4,8 @@ The model server tokenizes, checks the inputs against the model (vocabulary, con
 unit-norm float32 vectors; this layer checks the model name, shapes OpenAI's response (float lists, or
 base64 of little-endian float32 bytes as OpenAI sends them) and reports usage. Embeddings do not go
 through the generation batcher: one /embed call carries all of a request's inputs, and the model
-server batches them into its own decodes.
+server batches them into its own decodes. They have their own admission limit: at most MAX_QUEUE
+embeddings requests at once (the model server runs them one after another), past it a 429.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, TooManyRequests
 from app.generation import ClientDisconnected, until_disconnect
 from app.request_log import CLIENT_CLOSED
 from common.protocol import EmbedRequest, EmbedResponse
@@ -89,18 +90,27 @@ def _base64_f32(vector: list[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
-def add_embeddings_route(app: FastAPI, router, dependencies: list) -> None:
+def add_embeddings_route(app: FastAPI, router, dependencies: list, max_queue: int, metrics=None) -> None:
     """Register POST /v1/embeddings; `router` (app/replicas.py) checks the model name and picks the
-    least loaded model server serving it; `dependencies` are the other routes' (API keys)."""
+    model server; `dependencies` are the other routes' (API keys); at most `max_queue` at once."""
+    admitted = [0]
 
     @app.post("/v1/embeddings", dependencies=dependencies)
     async def embeddings(body: EmbeddingRequest, request: Request):
         info = await router.check(body.model)
+        if admitted[0] >= max_queue:
+            if metrics is not None:
+                metrics.rejected.labels("queue_full").inc()
+            raise TooManyRequests(f"The server is at capacity ({max_queue} embeddings requests admitted); retry shortly.",
+                                  retry_after_s=1)
         job = router.pick(info.name).client.embed(EmbedRequest(inputs=inputs_of(body), dimensions=body.dimensions))
+        admitted[0] += 1
         try:
             result = await until_disconnect(request, job)
         except ClientDisconnected:  # nobody to answer; the access log says so
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            admitted[0] -= 1
         record = getattr(request.state, "record", None)
         if record is not None:
             record.prompt_tokens += result.prompt_tokens

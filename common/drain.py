@@ -109,6 +109,10 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app, drain: Drain, **config) -> None:
-    """uvicorn.run with the drain: the final shutdown has little left to wait for, so it is bounded."""
+    """uvicorn.run with the drain: the final shutdown has little left to wait for, so it is bounded.
+    The event loop and HTTP parser are the standard library's and h11 wherever it runs: uvicorn would
+    take uvloop and httptools when installed (ray[serve] pulls them into the test environment), and
+    the servers must behave the same in tests and in the image, which has neither."""
+    config = {"loop": "asyncio", "http": "h11", **config}
     server = DrainingServer(uvicorn.Config(app, timeout_graceful_shutdown=5, **config), drain)
     server.run()

@@ -32,6 +32,15 @@ def test_compose_structure():
     assert (ROOT / backend["build"]["dockerfile"]).is_file()
 
 
+def test_compose_replicas_profile_routes_over_two_model_servers():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    one, two, api = spec["services"]["model-server"], spec["services"]["model-server-2"], spec["services"]["api-replicas"]
+    assert two["profiles"] == ["replicas"] and api["profiles"] == ["replicas"]
+    assert {k: v for k, v in two.items() if k != "profiles"} == one  # the same model server, twice
+    assert api["environment"]["BACKEND_URLS"] == "http://model-server:8001,http://model-server-2:8001"
+    assert set(api["depends_on"]) == {"model-server", "model-server-2"}
+
+
 @pytest.mark.skipif(compose_command() is None, reason="no docker compose client on this machine")
 def test_docker_compose_config_accepts_the_file():
     out = subprocess.run([*compose_command(), "-f", str(COMPOSE), "config"], capture_output=True, text=True,

@@ -195,3 +195,23 @@ async def test_drain_waits_for_requests_in_flight_up_to_the_grace_period():
     drain.enter()
     drain.begin()
     assert not await drain.wait_idle()  # the grace period ran out with a request in flight
+
+
+async def test_embeddings_past_max_queue_get_429_and_the_slot_frees():
+    release = asyncio.Event()
+
+    async def slow_embed(request):
+        await release.wait()
+        return httpx.Response(200, json={"vectors": [[1.0, 0.0]], "prompt_tokens": 2})
+
+    async with api_with(max_queue=1) as api:
+        api.mock.post("/embed").mock(side_effect=slow_embed)
+        body = {"model": MODEL, "input": "hello"}
+        first = asyncio.create_task(api.post("/v1/embeddings", json=body))
+        await asyncio.sleep(0.1)
+        busy = await api.post("/v1/embeddings", json=body)
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["type"] == "rate_limit_error"
+        release.set()
+        assert (await first).status_code == 200
+        assert (await api.post("/v1/embeddings", json=body)).status_code == 200  # its place freed

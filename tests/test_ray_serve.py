@@ -90,3 +90,19 @@ def test_two_replicas_serve_the_sdk_and_survive_one_being_killed(cluster):
     wait_for(lambda: healthy_replicas(cluster) == 2, 240, "the replacement replica")
     after = {r["url"] for r in httpx.get(f"{cluster}/health").json()["replicas"] if r["status"] == "ok"}
     assert len(after) == 2 and after != before
+
+
+def test_the_autoscaling_policy_follows_queue_length():
+    from types import SimpleNamespace
+
+    from deployment.ray_serve import QueueLengthPolicy
+
+    policy = QueueLengthPolicy(target=4)
+
+    def ctx(queued: list[float]):
+        return SimpleNamespace(aggregated_metrics={"queued": {f"r{i}": q for i, q in enumerate(queued)}},
+                               capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4)
+
+    assert policy(ctx([0, 0]))[0] == 1  # idle: the minimum
+    assert policy(ctx([4, 5]))[0] == 3  # 9 queued, 4 per replica
+    assert policy(ctx([30, 30]))[0] == 4  # capped at the maximum
