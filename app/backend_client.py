@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from app.errors import APIError, BackendUnavailable, ContextLengthExceeded, InvalidRequest, Unsupported
+from app.errors import APIError, BackendUnavailable, ContextLengthExceeded, InternalError, InvalidRequest, Unsupported
 from common.protocol import (
     CancelRequest,
     EmbedError,
@@ -64,6 +64,8 @@ class BackendClient:
                                         headers={"content-type": "application/json"}) as resp:
                 if resp.status_code != 200:
                     body = (await resp.aread()).decode("utf-8", "replace")[:500]
+                    if resp.status_code < 500:  # it is up and refused the batch: another would refuse it too
+                        raise InternalError(f"The model server refused the batch ({resp.status_code}): {body}")
                     raise BackendUnavailable(f"The model server answered {resp.status_code}: {body}")
                 async for line in ndjson_lines(resp.aiter_bytes()):
                     yield event_adapter.validate_json(line)

@@ -113,6 +113,16 @@ class DynamicBatcher:
             self._waiting.append(_Pending(r, out, RequestProgress(r.n)))
         self._wake.set()
 
+    def abort(self, err: APIError) -> None:
+        """This model server is gone: stop its batch streams and end every request here with `err`
+        (those not started go to `reroute` first, as for a failed batch)."""
+        for t in list(self._batches):
+            t.cancel()
+        waiting, self._waiting = self._waiting, []
+        for p in waiting:
+            self._in_flight[p.req.id] = p  # so that _fail sees them as this batcher's
+        self._fail([*self._in_flight.values()], err)
+
     def resubmit(self, p: _Pending) -> None:
         """A request another batcher's model server failed before it started: first in line here."""
         p.enqueued = time.monotonic()

@@ -37,11 +37,12 @@ class Replica:
         self.info: ModelInfo | None = None
         self.up: bool | None = None  # None: never probed yet
         self.prefixes = PrefixMemory()
+        self.embedding = 0  # embeddings requests running here
 
     @property
     def load(self) -> int:
-        """Sequences queued here and running here."""
-        return self.batcher.busy_slots + self.batcher.waiting_sequences
+        """Sequences queued here and running here, and embeddings requests."""
+        return self.batcher.busy_slots + self.batcher.waiting_sequences + self.embedding
 
     def serves(self, model: str) -> bool:
         return self.info is not None and self.info.name == model
@@ -73,7 +74,10 @@ class Router:
         self.replicas.append(replica)
 
     async def sync(self) -> None:
-        """Follow `discover()`: start new replicas, drop vanished ones once nothing runs there."""
+        """Follow `discover()`: start new replicas; drop one that is no longer listed once it does not
+        answer either (a replica listed no more but still answering, e.g. while a restarted directory
+        fills up again, keeps serving). Requests still on a dropped one end with an error, those that
+        had not started there go to another replica."""
         urls = await self.discover()
         known = {r.url for r in self.replicas}
         for url in urls:
@@ -82,13 +86,12 @@ class Router:
                 replica.batcher.start()
                 self._add(replica)
                 log.info("model server %s joined", url)
-        for r in [r for r in self.replicas if r.url not in urls]:
-            r.up = False  # out of rotation at once
-            if not (r.batcher.in_flight_count or r.batcher.waiting_count):
-                self.replicas.remove(r)
-                await r.batcher.stop()
-                await r.client.aclose()
-                log.info("model server %s left", r.url)
+        for r in [r for r in self.replicas if r.url not in urls and r.up is False]:
+            self.replicas.remove(r)
+            r.batcher.abort(BackendUnavailable(f"The model server {r.url} went away."))
+            await r.batcher.stop()
+            await r.client.aclose()
+            log.info("model server %s left", r.url)
 
     # --- what is served -------------------------------------------------------------------------
     async def refresh(self, replica: Replica) -> None:
@@ -123,6 +126,9 @@ class Router:
             await self.refresh(replica)
         except BackendUnavailable:
             pass
+        except Exception as e:  # an unreadable /info: out of rotation, and the health checks go on
+            log.warning("model server %s: /info unreadable (%s)", replica.url, type(e).__name__)
+            self._set_up(replica, False)
 
     def _set_up(self, replica: Replica, up: bool) -> None:
         if replica.up is not False and not up:
@@ -134,10 +140,11 @@ class Router:
             self.metrics.backend_up.labels(replica.url).set(int(up))
 
     async def models(self) -> dict[str, ModelInfo]:
-        """Model name -> its info, over the replicas that are up (each unknown one asked first; all of
-        them when none is up, so that a model server that came back serves at once)."""
-        none_up = not any(r.up for r in self.replicas)
-        await asyncio.gather(*(self._probe(r) for r in self.replicas if r.info is None or (none_up and not r.up)))
+        """Model name -> its info, over the replicas that are up. While none is up (a start, or every one
+        down) each is asked now, so that a model server that came back serves at once; otherwise the
+        health checks (watch) look after the others, and a request never waits on one that hangs."""
+        if not any(r.up for r in self.replicas):
+            await asyncio.gather(*(self._probe(r) for r in self.replicas))
         out: dict[str, ModelInfo] = {}
         for r in self.replicas:
             if r.info is not None and r.up:
@@ -155,14 +162,17 @@ class Router:
 
     # --- routing --------------------------------------------------------------------------------
     def pick(self, model: str, req: GenerationRequest | None = None, exclude: Replica | None = None) -> Replica:
-        """The replica for a request of `model` (app/routing.py), or BackendUnavailable."""
+        """The replica for a request of `model` (app/routing.py; without a request, e.g. embeddings,
+        the least loaded), or BackendUnavailable."""
         keys = prefix_keys(prompt_text(req)) if req is not None else []
         pool = [r for r in self.replicas if r.usable() and r.serves(model) and r is not exclude]
         if not pool:
             raise BackendUnavailable(f"No model server serving '{model}' is reachable.")
-        tie = keys[0] if keys else hashlib.blake2b((prompt_text(req) if req else model).encode("utf-8", "surrogatepass")).digest()
+        text = prompt_text(req) if req is not None else str(self._turn)
+        tie = keys[0] if keys else hashlib.blake2b(text.encode("utf-8", "surrogatepass")).digest()
+        policy = self.policy if req is not None else "least_loaded"
         name = choose([Candidate(r.url, r.load, r.prefixes.matched(keys)) for r in pool], self.imbalance, tie,
-                      self.policy, self._turn)
+                      policy, self._turn)
         self._turn += 1
         chosen = next(r for r in pool if r.url == name)
         chosen.prefixes.add(keys)

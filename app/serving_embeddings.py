@@ -103,14 +103,17 @@ def add_embeddings_route(app: FastAPI, router, dependencies: list, max_queue: in
                 metrics.rejected.labels("queue_full").inc()
             raise TooManyRequests(f"The server is at capacity ({max_queue} embeddings requests admitted); retry shortly.",
                                   retry_after_s=1)
-        job = router.pick(info.name).client.embed(EmbedRequest(inputs=inputs_of(body), dimensions=body.dimensions))
+        replica = router.pick(info.name)
+        job = replica.client.embed(EmbedRequest(inputs=inputs_of(body), dimensions=body.dimensions))
         admitted[0] += 1
+        replica.embedding += 1
         try:
             result = await until_disconnect(request, job)
         except ClientDisconnected:  # nobody to answer; the access log says so
             return Response(status_code=CLIENT_CLOSED)
         finally:
             admitted[0] -= 1
+            replica.embedding -= 1
         record = getattr(request.state, "record", None)
         if record is not None:
             record.prompt_tokens += result.prompt_tokens

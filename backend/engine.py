@@ -83,6 +83,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stop = False
         self._last_work = 0.0  # monotonic time of the last step that served a request
+        self._n_decoding = 0  # sequences decoding in the current step
+        self._judge_turn = 0  # which sequence's Medusa draft is judged when not every one is drafted
 
     # --- API for other threads ------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +192,7 @@ class Engine:
 
     # --- run ------------------------------------------------------------------------------------
     def _run(self, step) -> None:
+        self._n_decoding = len(step.speculative) + len(step.plain)  # how deep Medusa drafts depends on it
         for seq, draft, source in step.speculative:
             if not seq.finished:  # an earlier failure in this step may have ended its request
                 self._speculative_step(seq, draft, source)
@@ -230,9 +233,15 @@ class Engine:
                 self._take(seq, row)
         if self.spec is not None and self.spec.on and m.embeddings:  # Medusa drafts for the next step
             live = [(seq, row) for seq, row in zip(seqs, rows) if not seq.finished]
-            if live:
-                drafts = self.spec.drafts(np.stack([m.hidden(row) for _, row in live]), [seq.last_token for seq, _ in live])
-                for (seq, _), draft in zip(live, drafts):
+            depth, every = self.spec.drafting(self._n_decoding)
+            for seq, _ in live:
+                seq.draft = []
+            if live and depth:
+                if not every:  # one sequence, each in turn
+                    self._judge_turn += 1
+                some = live if every else [live[self._judge_turn % len(live)]]
+                drafts = self.spec.drafts(np.stack([m.hidden(row) for _, row in some]), [seq.last_token for seq, _ in some], depth)
+                for (seq, _), draft in zip(some, drafts):
                     seq.draft = draft
 
     def _take(self, seq: Sequence, row: int, forced: int | None = None) -> int:
@@ -267,7 +276,8 @@ class Engine:
         spec = self.spec
         if spec is not None:
             spec.observe("chain", len(draft) + 1, took)
-        typical = spec is not None and spec.typical and seq.constraint is None and _typical_applies(seq.request.prep.sampling)
+        typical = (spec is not None and spec.typical and source == "medusa" and seq.constraint is None
+                   and _typical_applies(seq.request.prep.sampling))
 
         def choose_row(row: int) -> tuple[int, bool]:
             forced = None
@@ -295,7 +305,11 @@ class Engine:
                 spec.disable("off: this model's memory cannot drop a rejected draft")
             self._fail(seq.request, "speculative decoding is not supported by this model's memory; retry")
             return
-        seq.draft = spec.drafts(m.hidden(accepted), [seq.last_token])[0] if spec is not None and spec.on and m.embeddings else []
+        seq.draft = []
+        if spec is not None and spec.on and m.embeddings:
+            depth, _ = spec.drafting(self._n_decoding)
+            if depth:
+                seq.draft = spec.drafts(m.hidden(accepted), [seq.last_token], depth)[0]
 
     def _prefill_chunk(self, req: Request, start: int, end: int) -> None:
         main = req.seqs[0]

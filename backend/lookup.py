@@ -7,14 +7,16 @@ most recent earlier occurrence, as llama.cpp's ngram speculative types and vLLM'
 It costs no model work; the verify decode decides what of it is kept, so output never depends on it.
 
 An index per sequence maps each n-gram to where it last ended; it is extended as tokens come, so a
-proposal costs a few dictionary lookups, and the first one indexes the prompt (about 1 ms per
-thousand tokens).
+proposal costs a few dictionary lookups. The prompt is indexed INDEX_BUDGET positions per proposal
+(about 1 ms), so that a long prompt never stalls the engine's step for the other streams: its
+earliest positions are matched first, its latest a few steps later.
 """
 
 from __future__ import annotations
 
 NGRAM_MIN = 1
 NGRAM_MAX = 4
+INDEX_BUDGET = 512  # positions indexed per proposal
 
 
 class NgramIndex:
@@ -27,19 +29,21 @@ class NgramIndex:
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
 
-    def _catch_up(self) -> None:
+    def _catch_up(self, budget: int) -> None:
         # Index the n-grams ending at every position but the last: the latest one is the sequence's own
         # suffix, which must match an earlier occurrence, not itself.
         toks, last = self.tokens, self._last
-        for end in range(self._indexed, len(toks) - 1):
+        stop = min(len(toks) - 1, self._indexed + budget)
+        for end in range(self._indexed, stop):
             for n in range(self.ngram_min, self.ngram_max + 1):
                 if end + 1 >= n:
                     last[tuple(toks[end + 1 - n : end + 1])] = end + 1
-        self._indexed = max(self._indexed, len(toks) - 1)
+        self._indexed = max(self._indexed, stop)
 
-    def propose(self, limit: int) -> tuple[list[int], int]:
-        """(draft of up to `limit` tokens, length of the matched n-gram); ([], 0) when nothing matches."""
-        self._catch_up()
+    def propose(self, limit: int, budget: int = INDEX_BUDGET) -> tuple[list[int], int]:
+        """(draft of up to `limit` tokens, length of the matched n-gram); ([], 0) when nothing matches.
+        Indexes up to `budget` more positions first."""
+        self._catch_up(budget)
         toks = self.tokens
         for n in range(min(self.ngram_max, len(toks)), self.ngram_min - 1, -1):
             start = self._last.get(tuple(toks[len(toks) - n :]))

@@ -58,7 +58,8 @@ class Directory:
         return sorted(self.urls.values())
 
 
-@serve.deployment(name="ModelServer", max_ongoing_requests=1000, health_check_period_s=2, health_check_timeout_s=20)
+@serve.deployment(name="ModelServer", max_ongoing_requests=1000, health_check_period_s=2, health_check_timeout_s=20,
+                  graceful_shutdown_timeout_s=60)
 class ModelServer:
     """One model server: the model loaded in this replica, the internal protocol on its own port."""
 
@@ -68,6 +69,7 @@ class ModelServer:
         from backend.config import BackendSettings
         from backend.runtime import ModelService
         from backend.server import create_app
+        from common.drain import Drain
         from common.ports import free_port
 
         host = settings.get("backend_host") or _node_ip()
@@ -75,7 +77,9 @@ class ModelServer:
         self.settings = BackendSettings(**{**settings, "backend_host": host, "backend_port": port})
         self.service = ModelService(self.settings)
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(create_app(self.settings, self.service), host="0.0.0.0" if host != "127.0.0.1" else host,
+        self.drain = Drain(self.settings.shutdown_grace_s)
+        config = uvicorn.Config(create_app(self.settings, self.service, self.drain),
+                                host="0.0.0.0" if host != "127.0.0.1" else host,
                                 port=port, log_level=self.settings.log_level, access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="model-server-http", daemon=True)
@@ -85,25 +89,37 @@ class ModelServer:
             time.sleep(0.05)
         self.actor = serve.get_replica_context().replica_id.to_full_id_str()
         self.directory = directory
-        self._registered = False
-
-    async def _register(self) -> None:
-        if not self._registered:
-            await self.directory.register.remote(self.actor, self.url)
-            self._registered = True
 
     async def url_of(self) -> str:
-        await self._register()
         return self.url
 
     async def check_health(self) -> None:
-        """Serve's health check: the HTTP front and the engine must be alive; registers on the first."""
+        """Serve's health check (every 2 s): the HTTP front and the engine must be alive. It also
+        (re-)registers the replica, so a directory that restarted fills up again within seconds."""
         if not self.thread.is_alive():
             raise RuntimeError("the model server's HTTP front stopped")
         h = self.service.health()
         if h.status == "error":
             raise RuntimeError(h.detail)
-        await self._register()
+        if not self.drain.draining:
+            await self.directory.register.remote(self.actor, self.url)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (downscale, redeploy): it leaves the directory, refuses new work
+        (the router sends it elsewhere) and lets the requests in flight finish, for up to
+        SHUTDOWN_GRACE_S; then the HTTP front stops."""
+        import asyncio
+
+        self.drain.begin()
+        try:
+            await self.directory.unregister.remote(self.actor)
+        except Exception:  # the directory may be gone already (the whole app shutting down)
+            pass
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        engine = self.service.engine
+        while engine is not None and engine.scheduler.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        self.server.should_exit = True
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         engine = self.service.engine

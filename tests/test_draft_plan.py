@@ -115,3 +115,9 @@ def test_ngram_index_proposes_what_followed_the_latest_match():
     assert NgramIndex([5]).propose(3) == ([], 0)
     idx = NgramIndex([1, 2, 1, 3, 1])
     assert idx.propose(2) == ([3, 1], 1)  # the latest occurrence of "1" (position 2), not the first
+    # A long prompt is indexed a budget of positions per proposal, earliest first.
+    idx = NgramIndex([9, 5, 6, 7] + [0] * 20 + [9])
+    assert idx.propose(3, budget=2) == ([5, 6, 7], 1)  # "9" at position 0 is indexed already
+    idx = NgramIndex([1, 2] + [0] * 20 + [5, 6, 5])
+    assert idx.propose(3, budget=4) == ([], 0)  # "5" (position 22) is not indexed yet...
+    assert idx.propose(3, budget=100) == ([6, 5], 1)  # ...then it is

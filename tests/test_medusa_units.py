@@ -249,3 +249,22 @@ def test_max_streams_and_pinned_plans():
     assert spec.drafts(np.zeros((1, H), np.float32), [7]) != [[]]
     spec.disable("off: test")
     assert not spec.on and not spec.active and spec.drafts(np.zeros((1, H), np.float32), [7]) == [[]]
+
+
+def test_heads_run_only_as_deep_as_a_draft_could_pay():
+    from backend.draft_plan import DepthCounts
+    from backend.speculator import JUDGE_EVERY, Speculator
+
+    heads = heads_from_state_dict(fd_state(n_heads=4))
+    costs = ({1: 20.0, 2: 22.0, 3: 25.0, 4: 30.0, 5: 40.0}, {1: 20.0, 2: 22.0, 3: 26.0, 4: 30.0})
+    spec = Speculator(heads, chain(4), costs, lookup=False)
+    spec.judged["medusa"] = DepthCounts([100] * 4, [90, 60, 30, 10])  # 0.9, 0.6, 0.3, 0.1
+    # One stream, plain rate 1/20: gains E(L) - chain(L+1)/20 = 0.8, 1.19 (L=2), 1.15, 0.80: two
+    # guesses pay; the heads run three deep (the third keeps being judged); all four every 8th step.
+    got = [spec.drafting(1) for _ in range(JUDGE_EVERY)]
+    assert got[:-1] == [(3, True)] * (JUDGE_EVERY - 1) and got[-1] == (4, True)
+    # Four streams (4 tokens in 30 ms): no draft pays; the heads run only on every 8th step, for one sequence.
+    got = [spec.drafting(4) for _ in range(JUDGE_EVERY)]
+    assert got[:-1] == [(0, False)] * (JUDGE_EVERY - 1) and got[-1] == (4, False)
+    x = np.zeros((1, H), np.float32)
+    assert len(spec.drafts(x, [7], 2)[0]) == 2 and len(spec.drafts(x, [7])[0]) == 4

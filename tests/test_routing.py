@@ -134,3 +134,35 @@ async def test_without_any_replica_for_the_model_the_answer_is_503(stack):
     await stack.get("/v1/models")
     r = await stack.post("/v1/completions", json={"model": "other", "prompt": "hi", "max_tokens": 1})
     assert r.status_code == 503 and r.json()["error"]["type"]
+
+
+async def test_discovered_replicas_join_and_leave_once_they_stop_answering():
+    listed = [A]
+
+    async def discover():
+        return list(listed)
+
+    with respx.mock(assert_all_called=False) as mock:
+        for url in (A, B):
+            mock.get(f"{url}/info", name=f"info {url}").respond(200, content=info("m").model_dump_json())
+            mock.post(f"{url}/generate", name=f"gen {url}").mock(side_effect=lambda req, u=url: answer(req, u))
+        app = create_app(AppSettings(max_wait_ms=0, info_refresh_s=60), discover=discover)
+        router = app.state.router
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+                await router.sync()
+                assert [r.url for r in router.replicas] == [A]
+                listed.append(B)
+                await router.sync()
+                for replica in router.replicas:
+                    await router.refresh(replica)
+                assert [r.url for r in router.replicas] == [A, B] and all(r.up for r in router.replicas)
+                listed.remove(B)  # no longer listed but still answering: it keeps serving
+                await router.sync()
+                assert [r.url for r in router.replicas] == [A, B]
+                mock.routes[f"info {B}"].side_effect = httpx.ConnectError("gone")
+                await router._probe(router.replicas[1])
+                await router.sync()  # listed no more and silent: dropped
+                assert [r.url for r in router.replicas] == [A]
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 1})
+                assert r.json()["choices"][0]["text"] == A

@@ -43,14 +43,16 @@ def build_speculator(s: BackendSettings, model: LlamaModel) -> Speculator | None
         if tuning.get("enabled") is False:
             log.warning("medusa: off, the tuning found no draft that beats plain decoding: %s", tuning.get("reason", ""))
             heads, choices = None, []
-    lookup = s.prompt_lookup == "auto"
+    # A draft that is rejected is dropped from the KV cache: a recurrent or hybrid memory cannot.
+    lookup = s.prompt_lookup == "auto" and model.attention_only
     if heads is None and not lookup:
         return None
     costs = measure_costs(model, list(range(1, VERIFY_MAX_ROWS + 1)), reps=3)
     log.info("speculation: measured decode ms, verify rows %s, shared step sequences %s",
              {k: round(v, 1) for k, v in costs[0].items()}, {k: round(v, 1) for k, v in costs[1].items()})
-    max_streams = s.medusa_max_streams or tuning.get("max_streams") or None
-    spec = Speculator(heads, choices, costs, lookup=lookup, max_streams=max_streams, pinned=bool(s.medusa_tree),
+    max_streams = s.medusa_max_streams or (tuning.get("max_streams") if heads is not None else None) or None
+    spec = Speculator(heads, choices, costs, lookup=lookup, max_streams=max_streams,
+                      pinned=heads is not None and bool(s.medusa_tree),
                       acceptance=s.medusa_acceptance)
     log.info(
         "speculation: medusa %s, prompt lookup %s, %s, %s acceptance",

@@ -418,9 +418,49 @@ def run(model_path: Path, out: Path, prompts: list, held_out: float = 0.1, max_t
               "training_positions": len(x_tr), "held_out_positions": len(x_ho),
               "minutes": round((time.time() - t0) / 60, 1), **result}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "README.md").write_text(readme(report))
     log.info("held-out per-head top-1 %s, top-5 %s", report["held_out"]["top1"], report["held_out"]["top5"])
     log.info("wrote %s", out / "heads.safetensors")
     return report
+
+
+def readme(report: dict) -> str:
+    """The heads' README: how they were made and what they guess on prompts they never saw."""
+    ho = report["held_out"]
+    n = len(ho["top1"])
+    kind = ("sequential heads (each depth also reads the embedding of the token before its target)"
+            if report.get("arch") == "sequential" else "Medusa-1 heads (a ResBlock on the hidden state each)")
+    lines = [
+        f"# Medusa heads for {report['model'].removesuffix('.gguf')}", "",
+        "Made on this project's 2-core machine (no GPU) with:", "", "```bash", report["command"], "```", "",
+        f"({report['minutes']} minutes.) {n} {kind}, each projecting onto the {report['vocab_subset']} most frequent "
+        f"target tokens ({report['subset_coverage_of_targets']:.1%} of training targets), fp16. Data: "
+        f"{report['prompts']} prompts of the corpus (backend/medusa/corpus.py: "
+        + ", ".join(f"{c} {k}" for c, k in report.get("prompts_per_category", {}).items())
+        + f") continued greedily by the model itself, {report['training_positions']} training positions; "
+        f"{report['held_out_prompts']} prompts held out ({report['held_out_positions']} positions), a share of every "
+        f"category. `corpus.jsonl.gz` holds the corpus, `held_out_prompts.txt` the held-out prompts. "
+        f"Loss per epoch {report['loss_per_epoch']}.", "",
+        "Held out, over the full vocabulary: top-1 and top-5 per head (head k guesses the token k+2 ahead), and "
+        "the acceptance of a top-1 draft at each depth given the depths before it were accepted (what the "
+        "server's verification sees), with the tokens a step would yield:", "",
+        "| | " + " | ".join(f"head {k}" for k in range(n)) + " |", "|---|" + "---|" * n,
+        "| top-1 | " + " | ".join(f"{v:.3f}" for v in ho["top1"]) + " |",
+        "| top-5 | " + " | ".join(f"{v:.3f}" for v in ho["top5"]) + " |",
+        "| draft acceptance | " + " | ".join(f"{v:.3f}" for v in ho["draft_acceptance"]) + " |",
+        "| tokens per step, draft of 1..k | " + " | ".join(f"{v:.2f}" for v in ho["expected_tokens"]) + " |", "",
+        "Per category (held out): draft acceptance by depth, and tokens per step with all heads:", "",
+        "| category | positions | " + " | ".join(f"depth {k}" for k in range(n)) + " | tokens per step |",
+        "|---|---|" + "---|" * n + "---|",
+    ]
+    for cat, r in report.get("held_out_by_category", {}).items():
+        lines.append(f"| {cat} | {r['positions'][0]} | " + " | ".join(f"{v:.3f}" for v in r["draft_acceptance"])
+                     + f" | {r['expected_tokens'][-1]:.2f} |")
+    tr = report["train_sample"]
+    lines += ["", f"On a sample of the training data: top-1 {tr['top1']}, draft acceptance {tr['draft_acceptance']}.", "",
+              "The model server (MEDUSA_HEADS=auto) finds these heads; each step its plan decides whether and how deep a "
+              "draft pays, from the live acceptance and this machine's decode costs (README, \"Speculative decoding\").", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
