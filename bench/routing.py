@@ -274,9 +274,9 @@ def live(args, convs, out: Path) -> dict:
             rep["policies"][policy] = {"cache_hit_rate": hit_rate(res), "errors": sum(r["status"] != 200 for r in res),
                                        "tokens_generated_per_replica": per, "requests": len(res)}
             procs.stop(f"api-{policy}")
-            # Each policy starts from cold caches: restart nothing, but shift the conversations' text.
-            convs = [[Turn(t.conv, t.turn, t.at, [{**m, "content": m["content"].replace("Customer", f"Client-{policy}")}
-                                                 for m in t.messages], t.answer_tokens) for t in c] for c in convs]
+            # The next policy starts from cold caches too: every text changes from its first character on.
+            convs = [[Turn(t.conv, t.turn, t.at, [{**m, "content": f"[{policy}] {m['content']}"} for m in t.messages],
+                           t.answer_tokens) for t in c] for c in convs]
 
         # Failover: kill model server 1 a third into the replay, restart it two thirds in.
         base = api("affinity", urls)
@@ -321,11 +321,12 @@ def ttft_ms(base: str, model: str, n: int = 30) -> list[float]:
             t0 = time.perf_counter()
             with client.stream("POST", "/v1/completions", json={"model": model, "prompt": f"Number {i % 3}: one, two,",
                                                                "max_tokens": 2, "temperature": 0, "stream": True}) as r:
-                for line in r.iter_lines():
+                lines = r.iter_lines()
+                for line in lines:
                     if line.startswith("data: {"):
                         out.append((time.perf_counter() - t0) * 1000)
                         break
-                for _ in r.iter_lines():
+                for _ in lines:  # the rest of the stream
                     pass
     return out[2:]  # the first two warm up
 

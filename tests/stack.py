@@ -19,11 +19,13 @@ ROOT = Path(__file__).parent.parent
 @dataclass
 class LiveStack:
     base_url: str  # the API layer, e.g. http://127.0.0.1:PORT
-    backend_url: str
+    backend_url: str  # the (first) model server
     model: str
     log_dir: Path
     backend: subprocess.Popen | None = None
     api: subprocess.Popen | None = None
+    backend_urls: tuple[str, ...] = ()  # every model server (replicas=2: two)
+    backends: tuple[subprocess.Popen, ...] = ()
 
 
 def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -33,20 +35,26 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 @contextmanager
-def running_stack(logs: Path, **settings: str) -> Iterator[LiveStack]:
+def running_stack(logs: Path, replicas: int = 1, **settings: str) -> Iterator[LiveStack]:
     """Both layers as separate processes on free ports, through the same entry points as deployment/;
-    `settings` are extra env vars (e.g. API_KEY="k"). Stopped with SIGTERM (the drain) on exit."""
+    `replicas` model servers (the API routes over them with BACKEND_URLS); `settings` are extra env
+    vars (e.g. API_KEY="k"). Stopped with SIGTERM (the drain) on exit."""
     from common.wait_ready import wait_ready
 
-    backend_port, api_port = free_port(), free_port()
-    env = {**os.environ, "BACKEND_PORT": str(backend_port), "PORT": str(api_port), "HOST": "127.0.0.1",
-           "CTX_SIZE": "1024", "N_PARALLEL": "4", "THREADS": "2", "LOG_LEVEL": "warning", **settings}
+    backend_ports, api_port = [free_port() for _ in range(replicas)], free_port()
+    env = {**os.environ, "HOST": "127.0.0.1", "CTX_SIZE": "1024", "N_PARALLEL": "4",
+           "THREADS": "2" if replicas == 1 else "1", "LOG_LEVEL": "warning", **settings}
     env.pop("BACKEND_URL", None)
-    backend = _start(["backend"], env, logs / "backend.log")
-    api = _start(["app"], env, logs / "api.log")
-    backend_url, base_url = f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{api_port}"
+    backend_urls = [f"http://127.0.0.1:{p}" for p in backend_ports]
+    backends = [_start(["backend"], {**env, "BACKEND_PORT": str(p)}, logs / f"backend{i or ''}.log")
+                for i, p in enumerate(backend_ports)]
+    api_env = {**env, "PORT": str(api_port), "BACKEND_PORT": str(backend_ports[0])}
+    if replicas > 1:
+        api_env["BACKEND_URLS"] = ",".join(backend_urls)
+    api = _start(["app"], api_env, logs / "api.log")
+    base_url = f"http://127.0.0.1:{api_port}"
     try:
-        for url, proc in ((backend_url, backend), (base_url, api)):
+        for url in [*backend_urls, base_url]:
             problem = wait_ready(url, timeout_s=120)
             if problem:
                 raise RuntimeError(f"{problem}; logs in {logs}")
@@ -54,11 +62,12 @@ def running_stack(logs: Path, **settings: str) -> Iterator[LiveStack]:
 
         headers = {"Authorization": f"Bearer {settings['API_KEY'].split(',')[0]}"} if settings.get("API_KEY") else {}
         model = httpx.get(f"{base_url}/v1/models", headers=headers).json()["data"][0]["id"]
-        yield LiveStack(base_url=base_url, backend_url=backend_url, model=model, log_dir=logs, backend=backend, api=api)
+        yield LiveStack(base_url=base_url, backend_url=backend_urls[0], model=model, log_dir=logs, backend=backends[0],
+                        api=api, backend_urls=tuple(backend_urls), backends=tuple(backends))
     finally:
-        for proc in (api, backend):
+        for proc in (api, *backends):
             proc.terminate()
-        for proc in (api, backend):
+        for proc in (api, *backends):
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
