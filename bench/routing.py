@@ -429,12 +429,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     convs = trace()
     rep = {"simulated": [simulate(p, convs) for p in ("affinity", "least_loaded", "round_robin")]}
+
+    def write() -> None:  # after each part: a failing later part keeps the earlier figures
+        (out / "routing.json").write_text(json.dumps(rep, indent=2) + "\n")
+        (out / "routing.md").write_text(markdown(rep))
+
     if not args.simulate_only:
         rep["live"] = live(args, convs, out)
+        write()
         if args.ray:
             rep["ray"] = ray_part(args, out)
-    (out / "routing.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "routing.md").write_text(markdown(rep))
+    write()
     print(markdown(rep))
 
 

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
-url="${BACKEND_URLS%%,*}"
+url="${BACKEND_URLS:-}"
+url="${url%%,*}"
 url="${url:-${BACKEND_URL:-http://127.0.0.1:${BACKEND_PORT:-8001}}}"
 if [ "${WAIT_FOR_BACKEND:-1}" != "0" ]; then
   echo "waiting for the model server at $url ..." >&2

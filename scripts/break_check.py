@@ -223,10 +223,10 @@ def apply(text: str, edits: list[tuple[str, str]]) -> str | None:
     return text
 
 
-def run_test(python: str, tree: Path, test: str, timeout_s: float = 600) -> str:
+def run_test(python: str, tree: Path, test: str, timeout_s: float = 1200) -> str:
     """'failed' (an assertion failed), 'passed', or what else happened (error, timeout)."""
     try:
-        run = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=180", test],
+        run = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=900", test],
                              cwd=tree, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return "timeout"

@@ -95,3 +95,22 @@ def test_monitoring_profile_scrapes_both_layers_and_provisions_the_dashboard():
         service = spec["services"][name]
         grace = int(service["environment"]["SHUTDOWN_GRACE_S"].split(":-")[1].rstrip("}"))
         assert int(service["stop_grace_period"].rstrip("s")) > grace
+
+
+@pytest.mark.parametrize("env, url", [
+    ({}, "http://127.0.0.1:8001"),  # serve.sh's case: nothing set
+    ({"BACKEND_PORT": "9"}, "http://127.0.0.1:9"),
+    ({"BACKEND_URL": "http://a:1"}, "http://a:1"),
+    ({"BACKEND_URL": "http://a:1", "BACKEND_URLS": "http://b:2,http://c:3"}, "http://b:2"),
+])
+def test_api_server_script_waits_for_the_model_server_it_is_given(env, url):
+    """The script runs under `set -u`: every variable it reads may be unset."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("BACKEND_URL", "BACKEND_URLS", "BACKEND_PORT")}
+    proc = subprocess.Popen([str(ROOT / "deployment" / "api-server.sh")], env={**clean, **env}, cwd=ROOT,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert first.strip() == f"waiting for the model server at {url} ...", first

@@ -28,7 +28,7 @@ def test_targets_are_the_tokens_two_and_more_ahead(tmp_path):
     assert y[:, 2].tolist() == [13, 14, 15, -1, -1]
 
 
-def test_the_corpus_covers_every_category_and_holds_each_out():
+def test_the_corpus_covers_every_category_and_holds_each_out(tmp_path):
     from backend.medusa import corpus
     from backend.medusa.train import Prompt, split_held_out
 
@@ -37,6 +37,8 @@ def test_the_corpus_covers_every_category_and_holds_each_out():
     assert set(cats) == set(corpus.CATEGORIES) and all(cats.count(c) == 40 for c in corpus.CATEGORIES)
     assert len({e.key for e in examples_}) == len(examples_)  # deduplicated
     assert any(e.messages and len(e.messages) == 3 for e in examples_ if e.category == "multiturn")
+    corpus.save(examples_, tmp_path / "corpus.jsonl.gz")  # --corpus trains on exactly this
+    assert corpus.load(tmp_path / "corpus.jsonl.gz") == examples_
     prompts = [Prompt(e.category, (i,)) for i, e in enumerate(examples_)]
     train, held = split_held_out(prompts, 0.1, seed=0)
     assert {p.category for p in held} == set(corpus.CATEGORIES)

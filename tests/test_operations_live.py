@@ -78,11 +78,21 @@ def test_a_request_id_names_the_request_in_both_logs(ops_stack):
         f"{ops_stack.base_url}/v1/chat/completions", timeout=120, headers=AUTH | {"x-request-id": "trace-me-7"},
         json={"model": ops_stack.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-7"
-    time.sleep(0.3)
-    api_log = (ops_stack.log_dir / "api.log").read_text()
-    backend_log = (ops_stack.log_dir / "backend.log").read_text()
-    assert re.search(r"app\.access: trace-me-7 POST /v1/chat/completions 200 prompt=\d+ cached=\d+ completion=4 ttft=\d+ms", api_log)
-    assert re.search(r"backend\.server: trace-me-7 \w+ prompt=\d+ cached=\d+ completion=4 finish=length", backend_log)
+    # Each layer writes its line once the request is over there, which may be just after the reply.
+    assert log_line(ops_stack.log_dir / "api.log",
+                    r"app\.access: trace-me-7 POST /v1/chat/completions 200 prompt=\d+ cached=\d+ completion=[1-4] ttft=\d+ms")
+    assert log_line(ops_stack.log_dir / "backend.log",
+                    r"backend\.server: trace-me-7 \w+ prompt=\d+ cached=\d+ completion=[1-4] finish=(length|stop)")  # sampled: may stop early
+
+
+def log_line(path, pattern: str, within_s: float = 10.0):
+    """The first match of pattern in the log file, waiting up to within_s for it to be written."""
+    deadline = time.monotonic() + within_s
+    while True:
+        m = re.search(pattern, path.read_text())
+        if m or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
 
 
 def test_clients_that_leave_early_are_one_info_line_not_a_traceback(ops_stack):

@@ -433,6 +433,8 @@ def readme(report: dict) -> str:
     lines = [
         f"# Medusa heads for {report['model'].removesuffix('.gguf')}", "",
         "Made on this project's 2-core machine (no GPU) with:", "", "```bash", report["command"], "```", "",
+        "The corpus comes from the machine's installed packages; to train on exactly this one, add "
+        "`--corpus` with this directory's `corpus.jsonl.gz`.", "",
         f"({report['minutes']} minutes.) {n} {kind}, each projecting onto the {report['vocab_subset']} most frequent "
         f"target tokens ({report['subset_coverage_of_targets']:.1%} of training targets), fp16. Data: "
         f"{report['prompts']} prompts of the corpus (backend/medusa/corpus.py: "
@@ -481,14 +483,22 @@ def main() -> None:
     ap.add_argument("--n-parallel", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", help="a saved corpus (corpus.jsonl.gz, written beside every set of heads) instead of "
+                    "building one from this machine's packages: reproduces a run exactly")
     ap.add_argument("--collect-only", action="store_true", help="generate the data and stop")
     args = ap.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = "python -m backend.medusa.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    examples_ = corpus.build(args.per_category, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus.save(examples_, out / "corpus.jsonl.gz")  # what these heads were trained and judged on
+    saved = out / "corpus.jsonl.gz"  # what these heads were trained and judged on
+    if args.corpus:
+        examples_ = corpus.load(Path(args.corpus))
+    else:
+        # Built from the installed packages' docs and sources: another machine builds another corpus.
+        examples_ = corpus.build(args.per_category, args.seed)
+    if not (saved.exists() and args.corpus and Path(args.corpus).resolve() == saved.resolve()):
+        corpus.save(examples_, saved)
     run(resolve_model(args.model, None), out, examples_, args.held_out, args.max_tokens, args.heads, args.vocab,
         args.epochs, args.lr, args.batch, args.n_parallel, args.threads, args.seed, command, args.arch,
         args.collect_only)
