@@ -86,9 +86,22 @@ async def one(client: httpx.AsyncClient, model: str, p: dict, max_tokens: int) -
             "stream_options": {"include_usage": True}}
     if p["stop"]:
         body["stop"] = p["stop"]
+    for attempt in (1, 2):
+        try:
+            return await _one(client, p, body)
+        except httpx.RemoteProtocolError:
+            # llama-server (cpp-httplib) closes a kept-alive connection after a few requests; a request
+            # sent on it just then fails before any byte, and sending it again is safe (greedy).
+            if attempt == 2:
+                raise
+
+
+async def _one(client: httpx.AsyncClient, p: dict, body: dict) -> dict:
     t0 = time.perf_counter()
     stamps, text, tokens = [], [], None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    response = client.stream("POST", "/v1/completions", json=body)
+    r = await response.__aenter__()  # RemoteProtocolError here: no response at all, one() sends it again
+    try:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -101,6 +114,10 @@ async def one(client: httpx.AsyncClient, model: str, p: dict, max_tokens: int) -
                 if c.get("text"):
                     stamps.append(time.perf_counter())
                     text.append(c["text"])
+    except httpx.RemoteProtocolError as e:  # cut mid-response: a real failure, never retried
+        raise RuntimeError(f"stream cut: {e}") from e
+    finally:
+        await response.__aexit__(None, None, None)
     return {"id": p["id"], "category": p["category"], "text": "".join(text), "tokens": tokens or len(stamps),
             "ttft_s": stamps[0] - t0 if stamps else None, "decode_s": stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0}
 
@@ -372,10 +389,15 @@ def main() -> None:
         args.levels = args.levels[:1]
     rep = {"model": str(args.model_path), "max_tokens": args.max_tokens, "threads": args.threads, "prompts": items,
            "servers": {}}
+    def partial() -> None:  # each server's rows as they come: a failure later keeps them
+        (out / "speculation.partial.json").write_text(json.dumps(rep, indent=2) + "\n")
+
     for name, (heads, lookup) in configs.items():
         rep["servers"][name] = ours(name, {"MEDUSA_HEADS": heads, "PROMPT_LOOKUP": lookup}, args, items, out)
+        partial()
     if not args.quick and not args.skip_peers and llama_server_binary():
         rep["servers"]["llama-server"] = llama_server("default", [], args.levels, args, items, out)
+        partial()
         sweep = {k: llama_server(k, flags, args.levels[:1], args, items, out) for k, flags in NGRAM_SWEEP.items()}
         best = max(sweep, key=lambda k: sweep[k]["levels"][0]["stream_tok_s"])
         rep["best_ngram"] = best
