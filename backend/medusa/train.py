@@ -497,6 +497,11 @@ def main() -> None:
     else:
         # Built from the installed packages' docs and sources: another machine builds another corpus.
         examples_ = corpus.build(args.per_category, args.seed)
+        if saved.exists() and corpus.load(saved) != examples_:
+            # Resuming after the machine's packages changed would silently start over: keep the old one.
+            saved.replace(out / "corpus.previous.jsonl.gz")
+            log.warning("the corpus built here differs from the saved one (now corpus.previous.jsonl.gz): its data "
+                        "shards are not reused; pass --corpus %s to resume on it", out / "corpus.previous.jsonl.gz")
     if not (saved.exists() and args.corpus and Path(args.corpus).resolve() == saved.resolve()):
         corpus.save(examples_, saved)
     run(resolve_model(args.model, None), out, examples_, args.held_out, args.max_tokens, args.heads, args.vocab,
