@@ -170,3 +170,20 @@ def test_train_end_to_end_and_resume(tmp_path, monkeypatch):
     for a, b in zip(back.heads, heads.heads):
         np.testing.assert_allclose(a.proj, b.proj, rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(a.blocks[0][0], b.blocks[0][0], rtol=1e-3, atol=1e-4)
+
+
+def test_a_changed_corpus_never_replaces_the_saved_one_silently(tmp_path):
+    from backend.medusa import corpus
+    from backend.medusa.train import choose_corpus
+
+    first = [corpus.Example("prose", prompt="one"), corpus.Example("chat", messages=(("user", "two"),))]
+    assert choose_corpus(tmp_path, None, 10, 0, build=lambda n, seed: first) == first
+    assert corpus.load(tmp_path / "corpus.jsonl.gz") == first
+    # The machine changed: the new corpus is used, the old one kept, and --corpus resumes on it.
+    second = first[:1]
+    assert choose_corpus(tmp_path, None, 10, 0, build=lambda n, seed: second) == second
+    assert corpus.load(tmp_path / "corpus.previous.jsonl.gz") == first
+    assert choose_corpus(tmp_path, str(tmp_path / "corpus.previous.jsonl.gz"), 10, 0) == first
+    assert corpus.load(tmp_path / "corpus.jsonl.gz") == first
+    # Training on the saved corpus itself leaves it as it is.
+    assert choose_corpus(tmp_path, str(tmp_path / "corpus.jsonl.gz"), 10, 0) == first

@@ -465,6 +465,26 @@ def readme(report: dict) -> str:
     return "\n".join(lines)
 
 
+def choose_corpus(out: Path, saved_corpus: str | None, per_category: int, seed: int, build=None) -> list:
+    """The corpus to train on, saved as out/corpus.jsonl.gz (what the heads were trained and judged on):
+    a saved one (--corpus) or one built from this machine's packages."""
+    build = build or corpus.build
+    saved = out / "corpus.jsonl.gz"
+    if saved_corpus:
+        examples_ = corpus.load(Path(saved_corpus))
+    else:
+        # Built from the installed packages' docs and sources: another machine builds another corpus.
+        examples_ = build(per_category, seed)
+        if saved.exists() and corpus.load(saved) != examples_:
+            # Resuming after the machine's packages changed would silently start over: keep the old one.
+            saved.replace(out / "corpus.previous.jsonl.gz")
+            log.warning("the corpus built here differs from the saved one (now corpus.previous.jsonl.gz): its data "
+                        "shards are not reused; pass --corpus %s to resume on it", out / "corpus.previous.jsonl.gz")
+    if not (saved.exists() and saved_corpus and Path(saved_corpus).resolve() == saved.resolve()):
+        corpus.save(examples_, saved)
+    return examples_
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="GGUF path or 'default'")
@@ -491,19 +511,7 @@ def main() -> None:
     command = "python -m backend.medusa.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "corpus.jsonl.gz"  # what these heads were trained and judged on
-    if args.corpus:
-        examples_ = corpus.load(Path(args.corpus))
-    else:
-        # Built from the installed packages' docs and sources: another machine builds another corpus.
-        examples_ = corpus.build(args.per_category, args.seed)
-        if saved.exists() and corpus.load(saved) != examples_:
-            # Resuming after the machine's packages changed would silently start over: keep the old one.
-            saved.replace(out / "corpus.previous.jsonl.gz")
-            log.warning("the corpus built here differs from the saved one (now corpus.previous.jsonl.gz): its data "
-                        "shards are not reused; pass --corpus %s to resume on it", out / "corpus.previous.jsonl.gz")
-    if not (saved.exists() and args.corpus and Path(args.corpus).resolve() == saved.resolve()):
-        corpus.save(examples_, saved)
+    examples_ = choose_corpus(out, args.corpus, args.per_category, args.seed)
     run(resolve_model(args.model, None), out, examples_, args.held_out, args.max_tokens, args.heads, args.vocab,
         args.epochs, args.lr, args.batch, args.n_parallel, args.threads, args.seed, command, args.arch,
         args.collect_only)
