@@ -86,22 +86,9 @@ async def one(client: httpx.AsyncClient, model: str, p: dict, max_tokens: int) -
             "stream_options": {"include_usage": True}}
     if p["stop"]:
         body["stop"] = p["stop"]
-    for attempt in (1, 2):
-        try:
-            return await _one(client, p, body)
-        except httpx.RemoteProtocolError:
-            # llama-server (cpp-httplib) closes a kept-alive connection after a few requests; a request
-            # sent on it just then fails before any byte, and sending it again is safe (greedy).
-            if attempt == 2:
-                raise
-
-
-async def _one(client: httpx.AsyncClient, p: dict, body: dict) -> dict:
     t0 = time.perf_counter()
     stamps, text, tokens = [], [], None
-    response = client.stream("POST", "/v1/completions", json=body)
-    r = await response.__aenter__()  # RemoteProtocolError here: no response at all, one() sends it again
-    try:
+    async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -114,10 +101,6 @@ async def _one(client: httpx.AsyncClient, p: dict, body: dict) -> dict:
                 if c.get("text"):
                     stamps.append(time.perf_counter())
                     text.append(c["text"])
-    except httpx.RemoteProtocolError as e:  # cut mid-response: a real failure, never retried
-        raise RuntimeError(f"stream cut: {e}") from e
-    finally:
-        await response.__aexit__(None, None, None)
     return {"id": p["id"], "category": p["category"], "text": "".join(text), "tokens": tokens or len(stamps),
             "ttft_s": stamps[0] - t0 if stamps else None, "decode_s": stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0}
 
@@ -125,7 +108,10 @@ async def _one(client: httpx.AsyncClient, p: dict, body: dict) -> dict:
 async def level(base: str, model: str, items: list[dict], streams: int, max_tokens: int) -> dict:
     """`streams` clients at once, each running its share of the prompts back to back."""
     shares = [items[i::streams] for i in range(streams)]
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(900.0)) as client:
+    # A new connection per request, as bench.multiturn does: llama-server (cpp-httplib) closes kept-alive
+    # connections after a few requests, and the next request sent on one fails with RemoteProtocolError.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def worker(share):
             return [await one(client, model, p, max_tokens) for p in share]
 
@@ -389,6 +375,7 @@ def main() -> None:
         args.levels = args.levels[:1]
     rep = {"model": str(args.model_path), "max_tokens": args.max_tokens, "threads": args.threads, "prompts": items,
            "servers": {}}
+
     def partial() -> None:  # each server's rows as they come: a failure later keeps them
         (out / "speculation.partial.json").write_text(json.dumps(rep, indent=2) + "\n")
 

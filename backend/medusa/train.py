@@ -480,7 +480,7 @@ def choose_corpus(out: Path, saved_corpus: str | None, per_category: int, seed: 
             saved.replace(out / "corpus.previous.jsonl.gz")
             log.warning("the corpus built here differs from the saved one (now corpus.previous.jsonl.gz): its data "
                         "shards are not reused; pass --corpus %s to resume on it", out / "corpus.previous.jsonl.gz")
-    if not (saved.exists() and saved_corpus and Path(saved_corpus).resolve() == saved.resolve()):
+    if not saved_corpus or Path(saved_corpus).resolve() != saved.resolve():
         corpus.save(examples_, saved)
     return examples_
 
