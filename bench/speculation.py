@@ -3,6 +3,7 @@ in one run; and the 7B-shaped projection.
 
     python -m bench.speculation            # bench/results/speculation.{json,md}; ~25 minutes
     python -m bench.speculation --quick    # a smoke run: two prompts, our plain and both configs only
+    python -m bench.speculation --report bench/results/speculation.json   # re-render a saved run
 
 Prompts: bench/mixed_prompts.py (chat Q&A, instruction, code, prose, "answer from this passage",
 "rewrite this code"; written for the benchmark, none from the heads' corpus). Chats are rendered
@@ -312,7 +313,16 @@ def summary(rep: dict) -> dict:
             if name in s and name != "ours plain":
                 texts = [(r["id"], r["text"]) for row in s[name]["levels"] for r in row["results"]]
                 same[name] = f"{sum(ref.get(i) == t for i, t in texts)}/{len(texts)}"
-    return {"ratios": ratios, "greedy_identical_to_plain": same}
+    # The peer's own lossless check: its speculative configurations (and -np 4) against its default at -np 1.
+    peer_same = {}
+    if at("llama-server", 1) is not None:
+        ref = {r["id"]: r["text"] for r in s["llama-server"]["levels"][0]["results"]}
+        for name, srv in s.items():
+            if name == "llama-server" or name in NGRAM_SWEEP:
+                texts = [(r["id"], r["text"]) for row in srv["levels"] for r in row["results"]
+                         if not (name == "llama-server" and row["streams"] == 1)]
+                peer_same[name] = f"{sum(ref.get(i) == t for i, t in texts)}/{len(texts)}"
+    return {"ratios": ratios, "greedy_identical_to_plain": same, "llama_server_identical_to_its_default": peer_same}
 
 
 def markdown(rep: dict) -> str:
@@ -327,6 +337,9 @@ def markdown(rep: dict) -> str:
     lines += ["", "Ratios (same run):", ""] + [f"- {k}: **{v}x**" for k, v in rep["summary"]["ratios"].items()]
     lines += ["", "Greedy output identical to ours plain (per request, both levels): "
               + ", ".join(f"{k} {v}" for k, v in rep["summary"]["greedy_identical_to_plain"].items())]
+    if rep["summary"].get("llama_server_identical_to_its_default"):
+        lines.append("\nllama-server's greedy output identical to its default at -np 1 (per request): " + ", ".join(
+            f"{k} {v}" for k, v in rep["summary"]["llama_server_identical_to_its_default"].items()))
     if rep.get("best_ngram"):
         lines.append(f"\nllama-server n-gram sweep at one stream: " + ", ".join(
             f"{k} {v['levels'][0]['stream_tok_s']}" for k, v in rep["servers"].items() if k.startswith("ngram")
@@ -338,6 +351,13 @@ def markdown(rep: dict) -> str:
         for cat, st in acc.items():
             lines.append(f"| {cat} | {st['medusa']['acceptance']} | {st['lookup']['acceptance']} | "
                          f"{st['medusa']['verifies']} / {st['lookup']['verifies']} |")
+    spec = rep["servers"].get("ours Medusa + lookup", {}).get("speculation") or {}
+    if spec.get("verify_cost_ms"):
+        # What bounds speculation here: the price of each extra row of a verify decode against a plain token.
+        lines += ["", "Decode costs the model server measured and followed (ms): one sequence's k rows "
+                  + ", ".join(f"k={k} {v}" for k, v in spec["verify_cost_ms"].items()) + "; one token of each of S sequences "
+                  + ", ".join(f"S={k} {v}" for k, v in (spec.get("step_cost_ms") or {}).items())
+                  + f"; plan decisions {spec.get('decisions')}"]
     proj = rep.get("projection")
     if proj:
         lines += ["", f"Projected speedup over plain decoding of a 7B-shaped Q8_0 model on this machine "
@@ -359,7 +379,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "llm-serve" / "bench"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--report", metavar="JSON", help="no run: recompute the summary and markdown of a saved speculation.json")
     args = ap.parse_args()
+    if args.report:
+        rep = json.loads(Path(args.report).read_text())
+        rep["summary"] = summary(rep)
+        Path(args.report).write_text(json.dumps(rep, indent=2) + "\n")
+        Path(args.report).with_suffix(".md").write_text(markdown(rep))
+        print(markdown(rep))
+        return
     from backend.model_files import resolve_model
 
     args.model_path = resolve_model(args.model)

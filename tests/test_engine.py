@@ -11,6 +11,7 @@ from backend.config import BackendSettings
 from backend.local import run_requests
 from backend.runtime import ModelService
 from common.protocol import ChatMessage, GenerationRequest
+from tests.stop_strings import spanning_stop
 
 PROMPTS = [
     "The capital of France is",
@@ -159,12 +160,13 @@ def test_n_choices_share_the_prompt_and_differ(model_service):
 
 def test_stop_string_is_never_emitted(model_service):
     free = one(model_service, max_tokens=30).choices[0]
-    # Stop on a string that the greedy continuation is known to contain, spanning a token boundary.
-    assert " France." in free.text
-    stopped = one(model_service, max_tokens=30, stop=["ce. "]).choices[0]
+    # Stop on a string the greedy continuation contains across a token boundary.
+    assert "".join(free.deltas) == free.text  # a boundary between deltas is one between tokens
+    stop = spanning_stop(free.deltas)
+    stopped = one(model_service, max_tokens=30, stop=[stop]).choices[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.text == free.text[: free.text.index("ce. ")]
-    assert all("ce. " not in d for d in stopped.deltas)
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert all(stop not in d for d in stopped.deltas)
 
 
 def test_max_tokens_and_zero(model_service):
