@@ -1,7 +1,7 @@
 """Speculation on a mixed prompt set, through the HTTP stack, against plain decoding and llama-server,
 in one run; and the 7B-shaped projection.
 
-    python -m bench.speculation            # bench/results/speculation.{json,md}; ~25 minutes
+    python -m bench.speculation            # bench/results/speculation.{json,md}; 15-25 minutes
     python -m bench.speculation --quick    # a smoke run: two prompts, our plain and both configs only
     python -m bench.speculation --report bench/results/speculation.json   # re-render a saved run
 

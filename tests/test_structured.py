@@ -31,10 +31,14 @@ def feed_in_pieces(text: str, seed: int) -> tuple[ReplyReader, list]:
     return reader, pieces
 
 
+@pytest.mark.parametrize("arguments_first", (False, True))
 @pytest.mark.parametrize("seed", range(5))
-def test_reader_hands_out_name_first_then_arguments_that_join_to_the_written_json(seed):
+def test_reader_hands_out_name_first_then_arguments_that_join_to_the_written_json(seed, arguments_first):
     args0 = '{"city": "Pa\\"ris \\u00e9", "days": [1, 2], "nested": {"a": {"b": null}}}'
-    text = '{"tool_calls": [{"name": "get_weather", "arguments": ' + args0 + '}, {"name": "get_time", "arguments": {}}]}'
+    if arguments_first:  # JSON objects are unordered: a reply may hold a call's arguments before its name
+        text = '{"tool_calls": [{"arguments": ' + args0 + ', "name": "get_weather"}, {"arguments": {}, "name": "get_time"}]}'
+    else:
+        text = '{"tool_calls": [{"name": "get_weather", "arguments": ' + args0 + '}, {"name": "get_time", "arguments": {}}]}'
     reader, pieces = feed_in_pieces(text, seed)
     assert reader.complete
     assert reader.calls == [("get_weather", args0), ("get_time", "{}")]
