@@ -306,22 +306,21 @@ def summary(rep: dict) -> dict:
         ratios[f"{both} / llama-server {best} (best n-gram), 1 stream"] = round(at(both, 1) / at(best, 1), 3)
         if at(best, 4):
             ratios[f"{both} / llama-server {best}, 4 streams (per stream)"] = round(at(both, 4) / at(best, 4), 3)
-    same = {}
-    if "ours plain" in s:
-        ref = {r["id"]: r["text"] for row in s["ours plain"]["levels"] for r in row["results"] if row["streams"] == 1}
-        for name in OURS:
-            if name in s and name != "ours plain":
-                texts = [(r["id"], r["text"]) for row in s[name]["levels"] for r in row["results"]]
-                same[name] = f"{sum(ref.get(i) == t for i, t in texts)}/{len(texts)}"
+    def identical(ref_name: str, names) -> dict:
+        """Per server: its requests (every level, but the reference's own one-stream row) whose text is
+        what the reference server wrote for the same prompt at one stream."""
+        ref = {r["id"]: r["text"] for row in s[ref_name]["levels"] if row["streams"] == 1 for r in row["results"]}
+        out = {}
+        for name in names:
+            texts = [(r["id"], r["text"]) for row in s[name]["levels"] for r in row["results"]
+                     if not (name == ref_name and row["streams"] == 1)]
+            out[name] = f"{sum(ref.get(i) == t for i, t in texts)}/{len(texts)}"
+        return out
+
+    same = identical("ours plain", [n for n in OURS if n in s and n != "ours plain"]) if "ours plain" in s else {}
     # The peer's own lossless check: its speculative configurations (and -np 4) against its default at -np 1.
-    peer_same = {}
-    if at("llama-server", 1) is not None:
-        ref = {r["id"]: r["text"] for r in s["llama-server"]["levels"][0]["results"]}
-        for name, srv in s.items():
-            if name == "llama-server" or name in NGRAM_SWEEP:
-                texts = [(r["id"], r["text"]) for row in srv["levels"] for r in row["results"]
-                         if not (name == "llama-server" and row["streams"] == 1)]
-                peer_same[name] = f"{sum(ref.get(i) == t for i, t in texts)}/{len(texts)}"
+    peer_same = (identical("llama-server", [n for n in s if n == "llama-server" or n in NGRAM_SWEEP])
+                 if at("llama-server", 1) is not None else {})
     return {"ratios": ratios, "greedy_identical_to_plain": same, "llama_server_identical_to_its_default": peer_same}
 
 
@@ -341,7 +340,7 @@ def markdown(rep: dict) -> str:
         lines.append("\nllama-server's greedy output identical to its default at -np 1 (per request): " + ", ".join(
             f"{k} {v}" for k, v in rep["summary"]["llama_server_identical_to_its_default"].items()))
     if rep.get("best_ngram"):
-        lines.append(f"\nllama-server n-gram sweep at one stream: " + ", ".join(
+        lines.append("\nllama-server n-gram sweep at one stream: " + ", ".join(
             f"{k} {v['levels'][0]['stream_tok_s']}" for k, v in rep["servers"].items() if k.startswith("ngram")
             or k in NGRAM_SWEEP) + f"; best: {rep['best_ngram']}")
     acc = rep["servers"].get("ours Medusa + lookup", {}).get("acceptance_by_category")

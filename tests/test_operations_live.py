@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.ports import free_port
+from tests.polling import wait_for
 from tests.stack import ROOT, running_stack
 
 KEY = "ops-test-key"
@@ -87,12 +88,7 @@ def test_a_request_id_names_the_request_in_both_logs(ops_stack):
 
 def log_line(path, pattern: str, within_s: float = 10.0):
     """The first match of pattern in the log file, waiting up to within_s for it to be written."""
-    deadline = time.monotonic() + within_s
-    while True:
-        m = re.search(pattern, path.read_text())
-        if m or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)
+    return wait_for(lambda: re.search(pattern, path.read_text()), within_s, f"{pattern!r} in {path.name}")
 
 
 def test_clients_that_leave_early_are_one_info_line_not_a_traceback(ops_stack):
@@ -156,11 +152,7 @@ def browser_fetch(stack, page_port: int, tmp_path: Path) -> dict:
          f"--user-data-dir={tmp_path / f'chromium-{page_port}'}", f"http://127.0.0.1:{page_port}/"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while not _Pages.results and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _Pages.results, "the page reported nothing"
-        return _Pages.results[0]
+        return wait_for(lambda: _Pages.results, 90, "the page to report", every_s=0.2)[0]
     finally:
         browser.kill()
         browser.wait()

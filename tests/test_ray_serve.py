@@ -6,10 +6,11 @@ Runs when `ray[serve]` is installed (requirements-test.txt has it)."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.polling import wait_for
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -28,15 +29,6 @@ def healthy_replicas(base: str) -> int:
     return sum(r["status"] == "ok" for r in h.json().get("replicas", [])) if h.status_code in (200, 503) else 0
 
 
-def wait_for(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster():
     from common.ports import free_port
@@ -51,7 +43,7 @@ def cluster():
     serve.run(build(replicas=2, threads=1, backend=backend), name="llm-serve", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: healthy_replicas(base) == 2, 240, "two model-server replicas")
+        wait_for(lambda: healthy_replicas(base) == 2, 240, "two model-server replicas", every_s=1)
         yield base
     finally:
         serve.shutdown()
@@ -87,7 +79,7 @@ def test_two_replicas_serve_the_sdk_and_survive_one_being_killed(cluster):
                                            max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason in ("length", "stop")
     # Serve replaces the replica; the router finds the new one through the directory.
-    wait_for(lambda: healthy_replicas(cluster) == 2, 240, "the replacement replica")
+    wait_for(lambda: healthy_replicas(cluster) == 2, 240, "the replacement replica", every_s=1)
     after = {r["url"] for r in httpx.get(f"{cluster}/health").json()["replicas"] if r["status"] == "ok"}
     assert len(after) == 2 and after != before
 
