@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.stack import running_stack
+
+# Under CI every dependency .ci/run installs is there: a test skipped for a missing import is a failure.
+_IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _fail_missing_dependency(report) -> None:
+    if _IN_CI and report.skipped and "could not import" in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI for a missing dependency (.ci/run installs it): {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_dependency(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):  # a module-level importorskip skips at collection
+    outcome = yield
+    _fail_missing_dependency(outcome.get_result())
 
 
 @pytest.fixture(scope="session")

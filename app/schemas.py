@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Dis
 from pydantic_core import PydanticCustomError
 
 from app.errors import InvalidRequest, Unsupported
+from common.schema_refs import unresolved_refs
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -253,10 +254,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Count | None = None
     logprobs: bool | None = False
     top_logprobs: integer(ge=0, le=20) | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[FunctionDefinition] | None = Field(None, description="deprecated by OpenAI: tools")
+    functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128)] | None = Field(
+        None, description="deprecated by OpenAI: tools")
     function_call: Literal["none", "auto"] | NamedFunction | None = Field(None, description="deprecated: tool_choice")
     response_format: ResponseFormat | None = None
 
@@ -318,12 +320,16 @@ def _join(param: str, name: str) -> str:
 def reject_unsupported(req: SamplingFields) -> None:
     """Raise a 400 naming the first field we accept in the schema but cannot honour yet."""
     check_transmittable(req)
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
     if len(req.stop_list()) > 16:
         raise InvalidRequest("At most 16 stop sequences are supported.", param="stop")
     if req.response_format is not None:
         schema = req.response_format.schema_or_none()
         if schema is not None and not isinstance(schema, dict):
             raise InvalidRequest("The JSON schema must be an object.", param="response_format")
+        if schema is not None:
+            _check_refs(schema, "response_format")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise Unsupported("'suffix' (insertion) is not supported yet.", param="suffix")
@@ -333,6 +339,7 @@ def reject_unsupported(req: SamplingFields) -> None:
         _check_tools(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+        _check_history(req.messages)
         for i, m in enumerate(req.messages):
             for part in m.content if isinstance(m.content, list) else []:
                 if part.type != "text" or part.text is None:
@@ -340,6 +347,36 @@ def reject_unsupported(req: SamplingFields) -> None:
                         f"Content parts of type '{part.type}' are not supported; only 'text'.",
                         param=f"messages[{i}].content",
                     )
+
+
+def _check_refs(schema: dict, param: str) -> None:
+    unresolved = unresolved_refs(schema)
+    if unresolved:
+        raise InvalidRequest(
+            f"'{param}' holds a $ref that cannot be resolved: {_quoted(unresolved[0])} (only references inside "
+            "the schema, '#' or '#/...' JSON pointers such as '#/$defs/Name', are followed).", param=param)
+
+
+def _check_history(messages: list) -> None:
+    """Earlier calls in the history are what a model wrote and a client parsed: arguments that are not
+    JSON cannot be shown to the model as a call (vLLM answers 400 as well; empty means no arguments)."""
+    for i, m in enumerate(messages):
+        if m.role in ("system", "developer", "user", "tool") and m.content is None:
+            raise InvalidRequest(f"Invalid value for 'messages[{i}].content': a {m.role} message needs content.",
+                                 param=f"messages[{i}].content")
+        if m.role != "assistant":
+            continue
+        named = [(f"messages[{i}].tool_calls[{j}].function.arguments", c.function) for j, c in enumerate(m.tool_calls or [])]
+        if m.function_call is not None:
+            named.append((f"messages[{i}].function_call.arguments", m.function_call))
+        for param, fn in named:
+            if not fn.arguments.strip():
+                continue
+            try:
+                json.loads(fn.arguments)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise InvalidRequest(f"Invalid value for '{param}': the arguments of call '{fn.name}' are not valid "
+                                     f"JSON ({e.msg if hasattr(e, 'msg') else 'nested too deep'}).", param=param) from None
 
 
 def _check_tools(req: ChatCompletionRequest) -> None:
@@ -351,6 +388,9 @@ def _check_tools(req: ChatCompletionRequest) -> None:
         raise InvalidRequest("'function_call' is only allowed when 'functions' are given.", param="function_call")
     functions, mode = req.tool_mode()
     param = "functions" if req.legacy_functions() else "tools"
+    for i, f in enumerate(functions):
+        if f.parameters is not None:
+            _check_refs(f.parameters, f"{param}[{i}].parameters" if param == "functions" else f"tools[{i}].function.parameters")
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise InvalidRequest("Tool names must be unique.", param=param)

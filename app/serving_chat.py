@@ -2,8 +2,8 @@
 
 Structured outputs (`response_format`) and tools become a grammar the model server decodes under.
 With tools, the model writes one JSON object in the generic format (common/tool_format.py), and
-the responder turns it into `message.tool_calls` (or `function_call` for the deprecated fields),
-streamed as OpenAI does: id and name first, then argument fragments.
+the responder turns it into `message.tool_calls` (or `function_call` for the deprecated fields):
+only complete, distinct calls (common/tool_reply.py), streamed one whole call per delta.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from openai.types.chat.chat_completion_token_logprob import TopLogprob
 
 from app.generation import Generation, new_request_id, sampling_kwargs
 from app.schemas import ChatCompletionRequest, ChatMessageIn
-from app.tool_stream import Arguments, CallStart, Content, ReplyReader
 from common import tool_format
+from common.tool_reply import Content, ReplyReader
 from common.protocol import ChatMessage, DeltaEvent, GenerationRequest, Grammar, TokenLogprob, ToolCall, ToolDefinition
 
 
@@ -132,12 +132,12 @@ class ChatResponder:
         choices = []
         for i in range(self.n):
             text, reason = "".join(texts[i]), finish.get(i, "stop")
-            message = ChatCompletionMessage(role="assistant", content=text)
+            message = ChatCompletionMessage(role="assistant", content=text, refusal=None)
             if self.tools:
                 message, reason = self._tool_message(text, reason)
             choices.append(Choice(
                 index=i, message=message, finish_reason=reason,
-                logprobs=ChoiceLogprobs(content=logprobs[i]) if self.req.logprobs else None,
+                logprobs=ChoiceLogprobs(content=logprobs[i], refusal=None) if self.req.logprobs else None,
             ))
         return ChatCompletion(
             id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices,
@@ -147,17 +147,19 @@ class ChatResponder:
     def _tool_message(self, text: str, reason: str) -> tuple[ChatCompletionMessage, str]:
         reader = ReplyReader()
         reader.feed(text)
-        calls = reader.calls
-        if not calls:
-            content = reader.content
-            return ChatCompletionMessage(role="assistant", content=text if content is None else content), reason
+        if not reader.calls:
+            # A text reply, or a reply cut short inside a call: no call, and no JSON passed off as text.
+            content = reader.content if reader.started else text
+            return ChatCompletionMessage(role="assistant", content=content, refusal=None), reason
         if self.legacy:
-            name, arguments = calls[0]
-            message = ChatCompletionMessage(role="assistant", content=None, function_call=FunctionCall(name=name, arguments=arguments))
+            call = reader.calls[0]
+            message = ChatCompletionMessage(role="assistant", content=None, refusal=None,
+                                            function_call=FunctionCall(name=call.name, arguments=call.arguments))
         else:
-            message = ChatCompletionMessage(role="assistant", content=None, tool_calls=[
-                ChatCompletionMessageToolCall(id=_call_id(), type="function", function=Function(name=name, arguments=arguments))
-                for name, arguments in calls
+            message = ChatCompletionMessage(role="assistant", content=None, refusal=None, tool_calls=[
+                ChatCompletionMessageToolCall(id=_call_id(), type="function",
+                                              function=Function(name=c.name, arguments=c.arguments))
+                for c in reader.calls
             ])
         return message, self._finish(reason, True)
 
@@ -173,24 +175,21 @@ class ChatResponder:
     def _delta(self, index: int, delta: ChoiceDelta, logprobs=None, finish_reason=None) -> str:
         return self._chunk(ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs))
 
-    def _tool_deltas(self, index: int, pieces: list) -> list[ChoiceDelta]:
+    def _tool_deltas(self, pieces: list) -> list[ChoiceDelta]:
+        """Deltas of what the reader handed out: text as it comes, each call whole (id, name and
+        arguments in its index's one delta) once its object has closed, so that a stream never holds
+        a call its message would not."""
         out = []
         for p in pieces:
             if isinstance(p, Content):
                 out.append(ChoiceDelta(content=p.text))
             elif self.legacy:
                 if p.index == 0:  # one call: the deprecated field has room for no more
-                    fn = ChoiceDeltaFunctionCall(name=p.name, arguments="") if isinstance(p, CallStart) \
-                        else ChoiceDeltaFunctionCall(arguments=p.text)
-                    out.append(ChoiceDelta(function_call=fn))
-            elif isinstance(p, CallStart):
+                    out.append(ChoiceDelta(function_call=ChoiceDeltaFunctionCall(name=p.name, arguments=p.arguments)))
+            else:
                 out.append(ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
                     index=p.index, id=_call_id(), type="function",
-                    function=ChoiceDeltaToolCallFunction(name=p.name, arguments=""),
-                )]))
-            elif isinstance(p, Arguments):
-                out.append(ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-                    index=p.index, function=ChoiceDeltaToolCallFunction(arguments=p.text),
+                    function=ChoiceDeltaToolCallFunction(name=p.name, arguments=p.arguments),
                 )]))
         return out
 
@@ -201,9 +200,9 @@ class ChatResponder:
         completion_tokens = 0
         async for ev in self.gen.events():
             if isinstance(ev, DeltaEvent):
-                lp = ChunkLogprobs(content=_chat_logprobs(ev.logprobs)) if (self.req.logprobs and ev.logprobs) else None
+                lp = ChunkLogprobs(content=_chat_logprobs(ev.logprobs), refusal=None) if (self.req.logprobs and ev.logprobs) else None
                 if self.tools:
-                    for delta in self._tool_deltas(ev.index, readers[ev.index].feed(ev.text)):
+                    for delta in self._tool_deltas(readers[ev.index].feed(ev.text)):
                         yield self._delta(ev.index, delta, lp)
                         lp = None
                     if lp:

@@ -123,8 +123,8 @@ class CompletionsResponder:
         chunk = Completion.model_construct(
             id=self.id, object="text_completion", created=self.created, model=self.model, choices=[choice]
         )
-        if self.req.include_usage():
-            chunk.usage = None
+        # No "usage": null on these chunks (the chat stream has one): OpenAI's published schema of a
+        # completion, which its chunks share, does not allow null there; only the last chunk has usage.
         return chunk.model_dump_json(exclude_unset=True)
 
     async def stream(self) -> AsyncIterator[str]:

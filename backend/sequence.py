@@ -22,6 +22,7 @@ from backend.slots import Slot
 from backend.speculator import SequenceDrafts
 from backend.text_stream import TextStream
 from common.protocol import DeltaEvent, DoneEvent, FinishReason, TokenLogprob
+from common.tool_reply import ReplyReader
 
 Sink = Callable[[list], None]  # receives a list of protocol events; must be thread-safe
 
@@ -36,6 +37,10 @@ class Sequence:
         self.sampler = Sampler(prep.sampling, model.n_vocab, seed_offset=index)
         self.constraint = Constraint(prep.grammar.deep_copy(), model.n_vocab) if prep.grammar is not None else None
         self.text = TextStream(prep.stop)
+        # A tool reply (the API layer sends tools with the grammar of their reply format), read as the
+        # API layer reads it: see _tool_reply_ends.
+        self.tool_reply = ReplyReader() if prep.req.tools and prep.grammar is not None else None
+        self._last_call_end = 0  # tokens generated when the reply's latest complete call closed
         self.max_tokens = prep.max_tokens
         self.n_ctx = model.n_ctx_per_seq
         self.top_logprobs = prep.req.logprobs  # None: no logprobs
@@ -94,9 +99,26 @@ class Sequence:
             events += self.finish("stop", flush=False)
         elif self.constraint is not None and self.constraint.done:
             events += self.finish("stop")  # the grammar allows nothing but the end
+        elif self.tool_reply is not None and self._tool_reply_ends(text):
+            events += self.finish("stop")
         elif self.generated >= self.max_tokens or self.n_past >= self.n_ctx:
             events += self.finish("length")
         return events
+
+    def _tool_reply_ends(self, text: str) -> bool:
+        """Whether a tool reply ends here, though its grammar would go on: at its first call that
+        repeats an earlier one (a small model given room repeats a call until max_tokens), and right
+        after a call when the tokens left could not hold another as long as it (a call cut short is
+        dropped by the API layer, and a reply ended at a call's boundary is a complete one)."""
+        reply = self.tool_reply
+        calls = len(reply.calls)
+        reply.feed(text)
+        if reply.duplicate:
+            return True
+        if len(reply.calls) == calls:
+            return False
+        cost, self._last_call_end = self.generated - self._last_call_end, self.generated
+        return min(self.max_tokens - self.generated, self.n_ctx - self.n_past) < cost
 
     def finish(self, reason: FinishReason, flush: bool = True) -> list:
         events = []

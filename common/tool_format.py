@@ -7,7 +7,7 @@ the tool schemas (as llama-server's generic handler does):
     {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}    a call (or several)
     {"content": "The answer is 4."}                                              a text reply
 
-The API layer builds the grammar (`reply_schema`) and reads the reply (app/tool_stream.py); the
+The API layer builds the grammar (`reply_schema`) and reads the reply (common/tool_reply.py); the
 model server renders the instructions (`instructions`) and earlier calls (`reply_text`) into the
 prompt. Names and arguments come out in that order because the
 grammar orders the properties so.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 
+from common import schema_refs
 from common.protocol import ToolCall, ToolDefinition
 
 CALLS_KEY = "tool_calls"
@@ -30,15 +31,19 @@ ITEM_SEPARATOR = ", "
 KEY_SEPARATOR = ": "
 
 
-def call_schema(tool: ToolDefinition) -> dict:
+def arguments_schema(tool: ToolDefinition) -> dict:
     arguments = dict(tool.parameters or {"type": "object"})
     if arguments.get("type") == "object" and "additionalProperties" not in arguments:
         # Only the declared parameters, as OpenAI's models give them: a schema that leaves extra keys
         # open lets a model copy the tool list into the arguments.
         arguments["additionalProperties"] = False
+    return arguments
+
+
+def call_schema(tool: ToolDefinition, arguments: dict | None = None) -> dict:
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": arguments},
+        "properties": {"name": {"const": tool.name}, "arguments": arguments or arguments_schema(tool)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     }
@@ -46,22 +51,37 @@ def call_schema(tool: ToolDefinition) -> dict:
 
 def reply_schema(tools: list[ToolDefinition], mode: str, parallel: bool) -> dict:
     """The JSON schema of the model's reply. mode: 'auto' (a call or text), 'required' (at least one
-    call), or a tool name (exactly one call of that tool)."""
+    call), or a tool name (exactly one call of that tool).
+
+    Parameters that use `$ref` (Pydantic's `$defs` for nested models, `#` for recursion) move to the
+    reply's `$defs` under their tool's name, their references rewritten for that place, and the call
+    refers to them there: inside the reply, `#` is the reply's root, not theirs."""
     if mode not in ("auto", "required"):
         tools = [t for t in tools if t.name == mode]
         parallel = False
-    one_call = call_schema(tools[0]) if len(tools) == 1 else {"anyOf": [call_schema(t) for t in tools]}
+    defs: dict[str, dict] = {}
+
+    def one(tool: ToolDefinition) -> dict:
+        arguments = arguments_schema(tool)
+        if schema_refs.references(arguments):
+            defs[tool.name] = schema_refs.rebase(arguments, f"/$defs/{tool.name}")
+            arguments = {"$ref": f"#/$defs/{tool.name}"}
+        return call_schema(tool, arguments)
+
+    one_call = one(tools[0]) if len(tools) == 1 else {"anyOf": [one(t) for t in tools]}
     calls: dict = {"type": "array", "items": one_call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}
-    call_reply = {
+    reply = {
         "type": "object", "properties": {CALLS_KEY: calls}, "required": [CALLS_KEY], "additionalProperties": False,
     }
-    if mode != "auto":
-        return call_reply
-    text_reply = {
-        "type": "object", "properties": {CONTENT_KEY: {"type": "string"}}, "required": [CONTENT_KEY],
-        "additionalProperties": False,
-    }
-    return {"anyOf": [call_reply, text_reply]}
+    if mode == "auto":
+        text_reply = {
+            "type": "object", "properties": {CONTENT_KEY: {"type": "string"}}, "required": [CONTENT_KEY],
+            "additionalProperties": False,
+        }
+        reply = {"anyOf": [reply, text_reply]}
+    if defs:
+        reply["$defs"] = defs
+    return reply
 
 
 def instructions(tools: list[ToolDefinition]) -> str:

@@ -24,6 +24,18 @@ class City(BaseModel):
     country: str = Field(max_length=24)
 
 
+class Address(BaseModel):
+    city: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+
+
+class Shipment(BaseModel):
+    """Ship an item to an address."""
+
+    item: str = Field(max_length=24)
+    to: Address  # a nested model: Pydantic writes it as $defs/Address and a $ref
+
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
@@ -111,6 +123,77 @@ def test_sdk_parallel_tool_calls_are_capped(client, live_stack):
     check_calls(c.message.tool_calls)
 
 
+CITY_TOOL = {"type": "function", "function": {  # the tool of the report: get_weather(city)
+    "name": "get_weather", "description": "Get the weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def streamed_calls(client, **kw) -> tuple[list[tuple[str, str]], str]:
+    """The calls the SDK accumulates from a raw stream, and its finish_reason; each call's name must
+    come once, in the first delta of its index."""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                if tc.index not in calls:
+                    assert tc.id and tc.function.name, "the first delta of a call has its id and name"
+                    calls[tc.index] = [tc.function.name, ""]
+                else:
+                    assert not tc.function.name, "a call's name comes once"
+                calls[tc.index][1] += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    return [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("parallel", [None, False])  # None: OpenAI's default, true
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_sdk_tool_calls_are_complete_distinct_and_parallel_only_when_allowed(client, live_stack, choice, parallel):
+    # As a new user would: one tool, default temperature and max_tokens; sampled, over several seeds
+    # (on some of them the model used to repeat a call until max_tokens and cut the last one).
+    for seed in range(3):
+        kw = dict(model=live_stack.model, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                  tools=[CITY_TOOL], tool_choice=choice, seed=seed)
+        if parallel is not None:
+            kw["parallel_tool_calls"] = parallel
+        r = client.chat.completions.create(**kw)
+        c = r.choices[0]
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+        if choice == "auto" and not calls:
+            assert c.finish_reason in ("stop", "length") and isinstance(c.message.content, str)
+            continue
+        assert c.finish_reason == "tool_calls" and c.message.content is None and calls
+        assert len(calls) == 1 if parallel is False else 1 <= len(calls)
+        keys = [(name, json.dumps(json.loads(arguments), sort_keys=True)) for name, arguments in calls]
+        assert len(set(keys)) == len(keys), f"identical calls in one message: {calls}"
+        for name, arguments in calls:
+            assert name == "get_weather"
+            jsonschema.validate(json.loads(arguments), CITY_TOOL["function"]["parameters"])
+        assert streamed_calls(client, **kw) == (calls, "tool_calls")  # seeded: the stream holds the same calls
+
+
+def test_sdk_required_with_too_few_tokens_leaks_nothing(client, live_stack):
+    kw = dict(model=live_stack.model, messages=ASK, tools=[CITY_TOOL], tool_choice="required", max_tokens=5)
+    c = client.chat.completions.create(**kw).choices[0]
+    assert (c.finish_reason, c.message.content, c.message.tool_calls) == ("length", None, None)
+    assert streamed_calls(client, **kw) == ([], "length")
+
+
+def test_sdk_nested_pydantic_models_as_response_format_and_as_a_tool(client, live_stack):
+    ask = [{"role": "user", "content": "Ship a lamp to Paris, France."}]
+    r = client.chat.completions.parse(model=live_stack.model, response_format=Shipment, temperature=0, max_tokens=80,
+                                      messages=ask)
+    assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Shipment)
+    kw = dict(model=live_stack.model, messages=ask, tools=[openai.pydantic_function_tool(Shipment)],
+              tool_choice="required", temperature=0, max_tokens=120)
+    r = client.chat.completions.parse(**kw)
+    with client.chat.completions.stream(**kw) as stream:
+        streamed = stream.get_final_completion()
+    for done in (r, streamed):
+        assert done.choices[0].finish_reason == "tool_calls"
+        assert all(isinstance(t.function.parsed_arguments, Shipment) for t in done.choices[0].message.tool_calls)
+
+
 def test_sdk_tool_choice_none_answers_in_text(client, live_stack):
     r = client.chat.completions.create(model=live_stack.model, messages=ASK, tools=[WEATHER], tool_choice="none",
                                        temperature=0, max_tokens=12)
@@ -194,7 +277,28 @@ def test_langchain_bind_tools_any_and_a_tool_loop(chat):
         assert c["name"] == "get_weather" and isinstance(c["args"]["city"], str)
 
 
+def test_langchain_nested_model_tools_and_parallel_tool_calls(chat):
+    shipment = chat.with_structured_output(Shipment, method="function_calling").invoke("Ship a lamp to Paris, France.")
+    assert isinstance(shipment, Shipment)
+    for parallel in (False, True):
+        ai = chat.bind_tools([Shipment], tool_choice="any", parallel_tool_calls=parallel).invoke(
+            "Ship a lamp to Paris and a chair to Rome.")
+        assert ai.tool_calls and not ai.invalid_tool_calls
+        assert len(ai.tool_calls) == 1 if not parallel else len(ai.tool_calls) >= 1
+        for call in ai.tool_calls:
+            assert call["name"] == "Shipment" and Shipment.model_validate(call["args"])
+
+
 # --- LlamaIndex -----------------------------------------------------------------------------------
+class ShipArgs(BaseModel):
+    shipment: Shipment
+
+
+def ship(shipment: dict) -> str:
+    """Ship an item to an address."""
+    return "shipped"
+
+
 def llama_index_llm(live_stack):
     from llama_index.llms.openai_like import OpenAILike
 
@@ -218,3 +322,29 @@ def test_llamaindex_chat_with_tools_and_structured_predict(live_stack):
     assert calls[0].tool_name == "get_weather" and isinstance(calls[0].tool_kwargs["city"], str)
     person = llm.structured_predict(Person, PromptTemplate("Invent a person called {name}."), name="Ada")
     assert isinstance(person, Person)
+
+    for parallel in (False, True):
+        r = llm.chat_with_tools([FunctionTool.from_defaults(fn=ship, fn_schema=ShipArgs)], user_msg="Ship a lamp to Paris, France.",
+                                tool_required=True, allow_parallel_tool_calls=parallel)
+        calls = llm.get_tool_calls_from_response(r, error_on_no_tool_call=True)
+        assert len(calls) == 1 if not parallel else len(calls) >= 1
+        assert all(c.tool_name == "ship" and Shipment.model_validate(c.tool_kwargs["shipment"]) for c in calls)
+
+
+async def test_llamaindex_function_agent_runs_a_tool_and_answers(live_stack):
+    from llama_index.core.agent.workflow import FunctionAgent
+
+    cities = []
+
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        cities.append(city)
+        return f"It is sunny in {city}."
+
+    # The agent streams its tool calls. A 270M base model asks for the weather again after the answer,
+    # so the agent stops after a few rounds and has the model answer ("generate"), as agents cap loops.
+    agent = FunctionAgent(tools=[get_weather], llm=llama_index_llm(live_stack), early_stopping_method="generate",
+                          system_prompt="Use the tools to answer.")
+    answer = await agent.run("What is the weather in Paris?", max_iterations=3)
+    assert cities and all(isinstance(c, str) for c in cities)
+    assert isinstance(str(answer), str) and str(answer).strip()

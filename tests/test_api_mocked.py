@@ -41,6 +41,20 @@ def lp(token: str, logprob: float | None) -> TokenLogprob:
     return TokenLogprob(token_id=1, token=token, bytes=list(token.encode()), logprob=logprob, top=top)
 
 
+# What the model writes under a tool grammar, picked by the last message (cut ones end with "length").
+TOOL_REPLIES = {
+    "two calls": ('{"tool_calls": [{"name": "get_weather", "arguments": {"ci', 'ty": "Paris"}}, ',
+                  '{"name": "get_weather", "arguments": {"city": "Oslo"}}]}'),
+    "cut in the second call": ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, ',
+                               '{"name": "get_weather", "arguments": {"ci'),
+    "cut in the first call": ('{"tool_calls": [{"name": "get_weather", ', '"arguments": {"city": "Par'),
+    "cut before any call": ('{"tool_calls"', ": ["),
+    "cut text": ('{"content": "It is sun', 'ny in Par'),
+    "the same call twice": ('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, ',
+                            '{"name": "get_weather", "arguments": {"city":  "Paris"}}'),
+}
+
+
 def fake_generate(request: httpx.Request) -> httpx.Response:
     """Each request answers 'Hello world' per choice, or an error picked by its prompt. A prompt
     (or last chat message) starting with 'again' found 2 of its 3 tokens in the prompt cache."""
@@ -57,17 +71,17 @@ def fake_generate(request: httpx.Request) -> httpx.Response:
         echo = (r.prompt if isinstance(r.prompt, str) else "<tokens>") if r.echo_prompt else None
         text = r.prompt if isinstance(r.prompt, str) else (r.messages[-1].content if r.messages else "")
         cached = 2 if text.startswith("again") else 0
-        words = ("Hello", " world")
+        words, finish = ("Hello", " world"), "stop" if r.grammar else "length"
         if r.grammar is not None and r.grammar.param in ("tools", "functions"):
-            words = ('{"tool_calls": [{"name": "get_weather", "arguments": {"ci', 'ty": "Paris"}}, ',
-                     '{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
+            words = TOOL_REPLIES.get(text, TOOL_REPLIES["two calls"])
+            finish = "length" if text.startswith("cut") else "stop"
         lines.append(PromptEvent(id=r.id, prompt_tokens=3, cached_tokens=cached, text=echo,
                                  logprobs=[lp("<p>", None)] if r.prompt_logprobs else None))
         for i in range(r.n):
             for word in words:
                 lines.append(DeltaEvent(id=r.id, index=i, text=word, token_ids=[7],
                                         logprobs=[lp(word, -0.5)] if r.logprobs is not None else None))
-            lines.append(DoneEvent(id=r.id, index=i, finish_reason="stop" if r.grammar else "length", completion_tokens=2))
+            lines.append(DoneEvent(id=r.id, index=i, finish_reason=finish, completion_tokens=2))
     body = "".join(e.model_dump_json() + "\n" for e in lines)
     return httpx.Response(200, content=body.encode(), headers={"content-type": "application/x-ndjson"})
 
@@ -172,6 +186,14 @@ async def test_stream_without_include_usage_has_no_usage_chunk(api):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def _chat(**fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "x"}]} | fields
+
+
+def _completion(**fields) -> dict:
+    return {"model": MODEL, "prompt": "x"} | fields
+
+
 def assert_error(r: httpx.Response, status: int, code: str | None, param: str | None = None):
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -209,6 +231,31 @@ def assert_error(r: httpx.Response, status: int, code: str | None, param: str | 
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          400, "unsupported_parameter", "messages[0].content"),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None, "top_logprobs"),
+        # what OpenAI and vLLM refuse as well
+        ("/v1/chat/completions", _chat(stream_options={"include_usage": True}), 400, None, "stream_options"),
+        ("/v1/completions", _completion(stream=False, stream_options={"include_usage": True}), 400, None, "stream_options"),
+        ("/v1/chat/completions", _chat(tools=[]), 400, "invalid_value", "tools"),
+        ("/v1/chat/completions", _chat(tools=[TOOL] * 129), 400, "invalid_value", "tools"),
+        ("/v1/chat/completions", _chat(functions=[]), 400, "invalid_value", "functions"),
+        ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": None}]), 400, None, "messages[0].content"),
+        ("/v1/chat/completions", _chat(messages=[
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": '}}]},
+            {"role": "tool", "tool_call_id": "a", "content": "sunny"}]),
+         400, None, "messages[1].tool_calls[1].function.arguments"),
+        ("/v1/chat/completions", _chat(messages=[
+            {"role": "user", "content": "x"}, {"role": "assistant", "function_call": {"name": "f", "arguments": "{oops}"}}]),
+         400, None, "messages[1].function_call.arguments"),
+        ("/v1/chat/completions", _chat(tools=[TOOL, {"type": "function", "function": {"name": "ship", "parameters": {
+            "type": "object", "properties": {"to": {"$ref": "#/$defs/Adress"}}, "$defs": {"Address": {"type": "object"}}}}}]),
+         400, None, "tools[1].function.parameters"),
+        ("/v1/chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}}}]),
+         400, None, "tools[0].function.parameters"),
+        ("/v1/chat/completions", _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"$ref": "#/definitions/A"}}}}}), 400, None, "response_format"),
     ],
 )
 async def test_client_mistakes_get_the_openai_envelope(api, path, body, status, code, param):
@@ -464,6 +511,45 @@ async def test_streamed_tool_calls_in_openais_shape(api):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
+def _tool_chat(last: str, **fields) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": last}], "tools": [TOOL]} | fields
+
+
+def _streamed_reply(r: httpx.Response) -> tuple[str | None, list, str]:
+    """content, [(index, id, name, arguments)] and finish_reason of a streamed choice 0, each call
+    checked to come whole in the first and only delta of its index."""
+    chunks = [ChatCompletionChunk.model_validate_json(e) for e in sse_events(r.text)[:-1]]
+    content, calls = None, []
+    for c in chunks:
+        delta = c.choices[0].delta
+        if delta.content:
+            content = (content or "") + delta.content
+        for tc in delta.tool_calls or []:
+            assert tc.index == len(calls) and tc.id and tc.type == "function" and tc.function.name
+            calls.append((tc.index, tc.id, tc.function.name, tc.function.arguments))
+    return content, calls, chunks[-1].choices[0].finish_reason
+
+
+@pytest.mark.parametrize("last,content,calls,finish", [
+    # a call cut by max_tokens is dropped; the complete ones before it stay, and the reply says it was cut
+    ("cut in the second call", None, [{"city": "Paris"}], "length"),
+    ("cut in the first call", None, [], "length"),
+    ("cut before any call", None, [], "length"),  # no JSON passed off as content
+    ("cut text", "It is sunny in Par", [], "length"),
+    ("the same call twice", None, [{"city": "Paris"}], "tool_calls"),  # never two identical calls
+    ("two calls", None, [{"city": "Paris"}, {"city": "Oslo"}], "tool_calls"),
+])
+async def test_a_reply_holds_only_complete_distinct_calls_streamed_or_not(api, last, content, calls, finish):
+    r = await api.post("/v1/chat/completions", json=_tool_chat(last))
+    choice = r.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (content, finish)
+    assert [json.loads(c["function"]["arguments"]) for c in choice["message"].get("tool_calls") or []] == calls
+    streamed = await api.post("/v1/chat/completions", json=_tool_chat(last, stream=True))
+    s_content, s_calls, s_finish = _streamed_reply(streamed)
+    assert (s_content, s_finish) == (content, finish)
+    assert [json.loads(arguments) for _, _, _, arguments in s_calls] == calls
+
+
 async def test_legacy_functions_map_onto_tools(api):
     r = await api.post("/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "x"},
@@ -481,14 +567,6 @@ async def test_legacy_functions_map_onto_tools(api):
 
 
 # --- Robustness: the ranges OpenAI documents, strict types, input the model server could not be sent ---
-
-def _chat(**fields) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "x"}]} | fields
-
-
-def _completion(**fields) -> dict:
-    return {"model": MODEL, "prompt": "x"} | fields
-
 
 @pytest.mark.parametrize(
     "path,body,param",

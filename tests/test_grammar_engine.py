@@ -13,7 +13,8 @@ import pytest
 from backend.config import BackendSettings
 from backend.local import run_requests
 from backend.runtime import ModelService
-from common.protocol import GenerationRequest, Grammar
+from common.protocol import ChatMessage, GenerationRequest, Grammar, ToolDefinition
+from common.tool_reply import ReplyReader
 
 SCHEMA = {
     "type": "object",
@@ -160,3 +161,49 @@ def test_compiled_grammars_are_cached(model_service):
     assert model_service.grammars.compiles == before  # SCHEMA was compiled by an earlier test
     report = model_service.stats().grammar
     assert report.library.startswith("llguidance") and report.cache_hits >= 2
+
+
+# A tool reply whose grammar makes the model write at least three calls: to `city` one of two names.
+CALLS_SCHEMA = {"type": "object", "required": ["tool_calls"], "additionalProperties": False, "properties": {
+    "tool_calls": {"type": "array", "minItems": 3, "maxItems": 8, "items": {
+        "type": "object", "required": ["name", "arguments"], "additionalProperties": False, "properties": {
+            "name": {"const": "get_weather"},
+            "arguments": {"type": "object", "required": ["city"], "additionalProperties": False,
+                          "properties": {"city": {"enum": ["Paris", "Oslo"]}}}}}}}}
+WEATHER = ToolDefinition(name="get_weather", parameters=CALLS_SCHEMA["properties"]["tool_calls"]["items"]["properties"]["arguments"])
+
+
+def tool_req(max_tokens: int, seed: int) -> GenerationRequest:
+    return GenerationRequest(id=f"g{next(_ids)}", messages=[ChatMessage(role="user", content="Weather in Paris and Oslo?")],
+                             tools=[WEATHER], grammar=Grammar(type="json_schema", value=CALLS_SCHEMA, param="tools"),
+                             max_tokens=max_tokens, temperature=1.0, seed=seed)
+
+
+def test_a_tool_reply_ends_at_its_first_repeated_call(model_service):
+    # Two cities and at least three calls: the third call at the latest repeats one, and the reply ends
+    # right there ("stop", not "length"), its last call a complete duplicate, never a fourth call.
+    for seed in range(3):
+        [r] = outputs(model_service, [tool_req(400, seed)])
+        c = r.choices[0]
+        reader = ReplyReader()
+        reader.feed(c.text)
+        assert c.finish_reason == "stop" and reader.duplicate and not reader.complete, c.text
+        assert c.text.rstrip(", ").endswith("}}") and 1 <= len(reader.calls) <= 2, c.text  # no token of a fourth
+
+
+def test_a_tool_reply_ends_after_a_call_when_another_would_not_fit(model_service):
+    [first] = outputs(model_service, [tool_req(400, 7)])
+    text = first.choices[0].text
+    reader, cost = ReplyReader(), None
+    for n, token in enumerate(first.choices[0].token_ids, 1):  # tokens up to the first call's end
+        reader.feed(model_service.model.detokenize([token]))
+        if reader.calls:
+            cost = n
+            break
+    assert cost, text
+    # Room for less than another call as long: the reply ends after the first one, as a complete reply.
+    [short] = outputs(model_service, [tool_req(2 * cost - 1, 7)])
+    assert short.choices[0].finish_reason == "stop" and short.choices[0].token_ids == first.choices[0].token_ids[:cost]
+    # Room for one more: the reply goes on as it did.
+    [roomy] = outputs(model_service, [tool_req(2 * cost + 2, 7)])
+    assert roomy.choices[0].token_ids[:cost + 1] == first.choices[0].token_ids[:cost + 1]

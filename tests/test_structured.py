@@ -9,12 +9,12 @@ import random
 import numpy as np
 import pytest
 
-from app.tool_stream import Arguments, CallStart, Content, ReplyReader
 from backend.chat_template import choose_template
 from backend.grammar import apply_mask
 from backend.scheduler import forced_alone
-from common import tool_format
+from common import schema_refs, tool_format
 from common.protocol import ChatMessage, ToolCall, ToolDefinition
+from common.tool_reply import Call, Content, ReplyReader
 
 WEATHER = ToolDefinition(name="get_weather", description="Weather in a city",
                          parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
@@ -33,21 +33,17 @@ def feed_in_pieces(text: str, seed: int) -> tuple[ReplyReader, list]:
 
 @pytest.mark.parametrize("arguments_first", (False, True))
 @pytest.mark.parametrize("seed", range(5))
-def test_reader_hands_out_name_first_then_arguments_that_join_to_the_written_json(seed, arguments_first):
+def test_reader_hands_out_each_call_once_whole_when_its_object_closes(seed, arguments_first):
     args0 = '{"city": "Pa\\"ris \\u00e9", "days": [1, 2], "nested": {"a": {"b": null}}}'
     if arguments_first:  # JSON objects are unordered: a reply may hold a call's arguments before its name
         text = '{"tool_calls": [{"arguments": ' + args0 + ', "name": "get_weather"}, {"arguments": {}, "name": "get_time"}]}'
     else:
         text = '{"tool_calls": [{"name": "get_weather", "arguments": ' + args0 + '}, {"name": "get_time", "arguments": {}}]}'
     reader, pieces = feed_in_pieces(text, seed)
-    assert reader.complete
-    assert reader.calls == [("get_weather", args0), ("get_time", "{}")]
+    assert reader.complete and not reader.duplicate
+    assert pieces == reader.calls == [Call(0, "get_weather", args0), Call(1, "get_time", "{}")]
     assert reader.content is None
-    for index, (name, args) in enumerate(reader.calls):
-        mine = [p for p in pieces if getattr(p, "index", None) == index]
-        assert isinstance(mine[0], CallStart) and mine[0].name == name  # the name comes before any argument
-        assert "".join(p.text for p in mine[1:] if isinstance(p, Arguments)) == args
-        json.loads(args)
+    json.loads(args0)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -58,10 +54,24 @@ def test_reader_streams_a_text_reply_decoded(seed):
     assert "".join(p.text for p in pieces if isinstance(p, Content)) == reader.content == 'Line "one"\nsmile 😀 café \\ end'
 
 
-def test_reader_keeps_what_a_cut_short_reply_had():
-    reader = ReplyReader()
-    reader.feed('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa')
-    assert not reader.complete and reader.calls == [("get_weather", '{"city": "Pa')]
+@pytest.mark.parametrize("cut", range(1, 60))
+def test_reader_never_hands_out_a_call_cut_short(cut):
+    text = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "n": [1, {"x": 2}]}}]}'
+    reader, pieces = feed_in_pieces(text[:cut], cut)
+    assert pieces == reader.calls == [] and not reader.complete
+    reader.feed(text[cut:])
+    assert reader.calls == [Call(0, "get_weather", '{"city": "Paris", "n": [1, {"x": 2}]}')]
+
+
+def test_reader_drops_a_call_identical_to_an_earlier_one_and_says_so():
+    text = ('{"tool_calls": [{"name": "f", "arguments": {"a": 1, "b": [2]}}, {"name": "f", "arguments": {"a": 2}}, '
+            '{"name": "g", "arguments": {"a": 1, "b": [2]}}, {"name": "f", "arguments": {"b": [2], "a": 1}}, '
+            '{"name": "g", "arguments": {"a": 3}}]}')
+    reader, pieces = feed_in_pieces(text, 0)
+    # key order does not make a call different; the same arguments under another name do
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in pieces] == [
+        (0, "f", {"a": 1, "b": [2]}), (1, "f", {"a": 2}), (2, "g", {"a": 1, "b": [2]}), (3, "g", {"a": 3})]
+    assert reader.duplicate
 
 
 def test_reply_schema_modes():
@@ -83,7 +93,7 @@ def test_reply_text_is_what_the_reader_reads_back():
     calls = [ToolCall(id="call_1", name="get_weather", arguments='{"city": "Oslo"}')]
     reader = ReplyReader()
     reader.feed(tool_format.reply_text(calls))
-    assert reader.calls == [("get_weather", '{"city": "Oslo"}')]
+    assert reader.calls == [Call(0, "get_weather", '{"city": "Oslo"}')]
 
 
 def test_apply_mask_keeps_exactly_the_allowed_tokens():
@@ -146,3 +156,49 @@ def test_tools_reach_a_template_that_renders_them_through_it():
             ChatMessage(role="tool", content="12 C", tool_call_id="c")]
     out = t.render([m.model_dump() for m in msgs], "", "", tools=[WEATHER.model_dump(), TIME.model_dump()])
     assert out == "[get_weather][get_time]<user>Q<assistant>Oslo<tool>12 C"
+
+
+ADDRESS_TOOL = ToolDefinition(name="ship", parameters={  # what Pydantic writes for a nested model
+    "type": "object", "properties": {"to": {"$ref": "#/$defs/Address"}, "parts": {"type": "array", "items": {"$ref": "#/$defs/Part"}}},
+    "required": ["to"], "$defs": {
+        "Address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "Part": {"type": "object", "properties": {"name": {"type": "string"}, "sub": {"type": "array", "items": {"$ref": "#/$defs/Part"}}}}}})
+TREE_TOOL = ToolDefinition(name="tree", parameters={  # recursion through the root
+    "type": "object", "properties": {"label": {"type": "string"}, "kids": {"type": "array", "items": {"$ref": "#"}}}, "required": ["label"]})
+
+
+def test_schema_refs_finds_what_points_nowhere_and_rebases_what_moves():
+    schema = {"type": "object", "properties": {
+        "a": {"$ref": "#/$defs/A"}, "b": {"$ref": "#/$defs/Missing"}, "c": {"$ref": "https://example.com/x.json"},
+        "enum": {"$ref": "#/properties/a"},  # a property called "enum" is a schema, not data
+        "d": {"const": {"$ref": "#/nowhere"}},  # data: not a reference
+        "e": {"$ref": "#/$defs/A~1B"}, "f": {"$ref": "#anchor"}, "g": {"$ref": "#"}},
+        "$defs": {"A": {"type": "integer"}, "A/B": {"type": "string"}}}
+    assert schema_refs.unresolved_refs(schema) == ["#/$defs/Missing", "https://example.com/x.json", "#anchor"]
+    moved = schema_refs.rebase(schema, "/$defs/t")
+    assert moved["properties"]["a"] == {"$ref": "#/$defs/t/$defs/A"} and moved["properties"]["g"] == {"$ref": "#/$defs/t"}
+    assert moved["properties"]["c"] == {"$ref": "https://example.com/x.json"}  # not local: left alone
+    assert moved["properties"]["d"] == {"const": {"$ref": "#/nowhere"}}
+    assert moved["properties"]["enum"] == {"$ref": "#/$defs/t/properties/a"}
+
+
+@pytest.mark.parametrize("mode", ("auto", "required", "ship"))
+def test_reply_schema_moves_parameters_with_refs_where_their_refs_still_resolve(mode):
+    import jsonschema
+    import llguidance
+
+    reply = tool_format.reply_schema([ADDRESS_TOOL, TREE_TOOL, WEATHER], mode, parallel=True)
+    assert schema_refs.unresolved_refs(reply) == []
+    assert set(reply["$defs"]) == ({"ship", "tree"} if mode != "ship" else {"ship"})  # WEATHER has no refs: inline
+    good = {"tool_calls": [{"name": "ship", "arguments": {"to": {"city": "Oslo"}, "parts": [{"name": "a", "sub": [{"name": "b"}]}]}}]}
+    bad = {"tool_calls": [{"name": "ship", "arguments": {"to": {"town": "Oslo"}}}]}
+    jsonschema.validate(good, reply)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, reply)
+    if mode != "ship":
+        jsonschema.validate({"tool_calls": [{"name": "tree", "arguments": {"label": "r", "kids": [{"label": "k", "kids": []}]}}]}, reply)
+        with pytest.raises(jsonschema.ValidationError):  # "#" is the tool's parameters, not the reply
+            jsonschema.validate({"tool_calls": [{"name": "tree", "arguments": {"label": "r", "kids": [{"tool_calls": []}]}}]}, reply)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(reply)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    assert not is_error, messages

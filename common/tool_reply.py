@@ -1,10 +1,16 @@
 """Reads a reply in the generic tool format (common/tool_format.py) as its text streams in.
 
-The model writes one JSON object, a piece at a time; OpenAI's stream wants a tool call's id and
-name first, then its arguments as text fragments whose concatenation is the arguments JSON, or the
-text of a plain reply. `ReplyReader` follows the JSON character by character (which value each
-character belongs to) and hands out those pieces as soon as they are known. The same reader builds
-the non-streaming reply, so both carry the very arguments text the model wrote.
+The model writes one JSON object, a piece at a time. `ReplyReader` follows the JSON character by
+character (which value each character belongs to) and hands out:
+- `Content`: fragments of a text reply (`{"content": ...}`), decoded, as soon as they are known;
+- `Call`: a tool call, once, when its object has closed: its name and its arguments text, a complete
+  JSON value (the grammar made it valid against the tool's parameters). A call cut short (by
+  `max_tokens` or a stop) is never handed out, and neither is a call identical (same name, same
+  arguments as JSON values) to an earlier one: `duplicate` turns true instead.
+
+Both layers use it: the API layer builds the reply (streamed or not) from what it hands out, and the
+model server ends a reply at its first duplicate call (a small model given room repeats a call until
+`max_tokens`), so a reply is the same whichever layer reads it.
 """
 
 from __future__ import annotations
@@ -16,20 +22,15 @@ from common.tool_format import CALLS_KEY, CONTENT_KEY
 
 
 @dataclass
-class CallStart:
-    index: int
-    name: str
-
-
-@dataclass
-class Arguments:
-    index: int
-    text: str
-
-
-@dataclass
 class Content:
     text: str
+
+
+@dataclass
+class Call:
+    index: int  # among the calls handed out: 0, 1, ...
+    name: str
+    arguments: str  # the JSON text the model wrote
 
 
 @dataclass
@@ -42,9 +43,17 @@ class _Frame:
 
 
 @dataclass
-class _Call:
+class _Draft:
     name: str | None = None
     arguments: list[str] = field(default_factory=list)
+
+
+def call_key(name: str, arguments: str) -> tuple[str, str] | None:
+    """What makes two calls the same call (key order and spacing aside); None: not JSON."""
+    try:
+        return name, json.dumps(json.loads(arguments), sort_keys=True, ensure_ascii=False)
+    except (json.JSONDecodeError, RecursionError):
+        return None
 
 
 class ReplyReader:
@@ -58,22 +67,18 @@ class ReplyReader:
         self._content_raw = ""  # the text reply's characters so far (escapes undecoded)
         self._content_sent = 0  # decoded characters handed out
         self._content_seen = False  # the text reply's string has closed
-        self._calls: list[_Call] = []
-        self._started = False  # the top-level object has begun
+        self._drafts: dict[int, _Draft] = {}  # calls being written, by their item index in the reply
+        self._seen: set[tuple[str, str]] = set()
+        self.calls: list[Call] = []  # complete, distinct calls, in order
+        self.duplicate = False  # a complete call repeated an earlier one
+        self.started = False  # the top-level object has begun: the reply is JSON, not free text
         self.complete = False  # the top-level object has closed
-
-    # --- results ----------------------------------------------------------------------------------
-    @property
-    def calls(self) -> list[tuple[str, str]]:
-        """(name, arguments text) of every call whose name is known."""
-        return [(c.name, "".join(c.arguments)) for c in self._calls if c.name is not None]
 
     @property
     def content(self) -> str | None:
         """The text reply so far, or None if the reply is not one."""
         return _decode_prefix(self._content_raw) if self._content_raw or self._content_seen else None
 
-    # --- reading ------------------------------------------------------------------------------------
     def feed(self, text: str) -> list:
         out: list = []
         for ch in text:
@@ -89,30 +94,32 @@ class ReplyReader:
         if self.complete:
             return
         if self._in_string:
-            self._string_char(ch, out)
+            self._string_char(ch)
             return
         top = self._stack[-1] if self._stack else None
         if ch in " \t\r\n":
-            self._route(top.path if top else (), ch, out)
+            self._route(top.path if top else (), ch)
         elif ch in "{[":
             path = self._value_path()
-            self._route(path, ch, out)
+            self._route(path, ch)
             self._stack.append(_Frame("obj" if ch == "{" else "arr", path))
-            self._started = True
+            self.started = True
         elif ch in "}]":
             if top is None:
                 return
-            self._route(top.path, ch, out)
+            self._route(top.path, ch)
             self._stack.pop()
-            if not self._stack and self._started:
+            if _is_call_path(top.path) and top.kind == "obj":
+                self._call_closed(top.path[1], out)
+            if not self._stack and self.started:
                 self.complete = True
         elif ch == ":":
             if top is not None:
-                self._route(top.path, ch, out)
+                self._route(top.path, ch)
         elif ch == ",":
             if top is None:
                 return
-            self._route(top.path, ch, out)
+            self._route(top.path, ch)
             if top.kind == "arr":
                 top.index += 1
             else:
@@ -121,14 +128,14 @@ class ReplyReader:
             self._in_string, self._escape, self._raw = True, False, []
             self._string_is_key = top is not None and top.kind == "obj" and top.expect_key
             self._string_path = top.path if self._string_is_key else self._value_path()
-            self._route(self._string_path, ch, out)
+            self._route(self._string_path, ch)
         else:  # a number, true, false or null
-            self._route(self._value_path(), ch, out)
+            self._route(self._value_path(), ch)
 
-    def _string_char(self, ch: str, out: list) -> None:
+    def _string_char(self, ch: str) -> None:
         closing = not self._escape and ch == '"'
         self._escape = not self._escape and ch == "\\"
-        self._route(self._string_path, ch, out)
+        self._route(self._string_path, ch)
         if not closing:
             self._raw.append(ch)
             if not self._string_is_key and self._string_path == (CONTENT_KEY,):
@@ -143,31 +150,39 @@ class ReplyReader:
         path = self._string_path
         if path == (CONTENT_KEY,):
             self._content_seen = True
-        if len(path) == 3 and path[0] == CALLS_KEY and path[2] == "name":
-            call = self._call(path[1])
-            call.name = text
-            out.append(CallStart(path[1], text))
-            if call.arguments:  # written before the name: hand them out now
-                out.append(Arguments(path[1], "".join(call.arguments)))
+        if len(path) == 3 and _is_call_path(path[:2]) and path[2] == "name":
+            self._drafts.setdefault(path[1], _Draft()).name = text
 
-    def _route(self, path: tuple, ch: str, out: list) -> None:
-        """A character of the value at `path`: arguments text goes out as fragments."""
-        if len(path) >= 3 and path[0] == CALLS_KEY and isinstance(path[1], int) and path[2] == "arguments":
-            call = self._call(path[1])
-            call.arguments.append(ch)
-            if call.name is not None:
-                out.append(Arguments(path[1], ch))
+    def _call_closed(self, item: int, out: list) -> None:
+        draft = self._drafts.pop(item, None)
+        if draft is None or draft.name is None:
+            return
+        arguments = "".join(draft.arguments)
+        key = call_key(draft.name, arguments)
+        if key is None:
+            return
+        if key in self._seen:
+            self.duplicate = True
+            return
+        self._seen.add(key)
+        call = Call(len(self.calls), draft.name, arguments)
+        self.calls.append(call)
+        out.append(call)
 
-    def _call(self, index: int) -> _Call:
-        while len(self._calls) <= index:
-            self._calls.append(_Call())
-        return self._calls[index]
+    def _route(self, path: tuple, ch: str) -> None:
+        """A character of the value at `path`: a call's arguments text is kept."""
+        if len(path) >= 3 and _is_call_path(path[:2]) and path[2] == "arguments":
+            self._drafts.setdefault(path[1], _Draft()).arguments.append(ch)
 
     def _value_path(self) -> tuple:
         if not self._stack:
             return ()
         top = self._stack[-1]
         return top.path + ((top.key,) if top.kind == "obj" else (top.index,))
+
+
+def _is_call_path(path: tuple) -> bool:
+    return len(path) == 2 and path[0] == CALLS_KEY and isinstance(path[1], int)
 
 
 def _decode_prefix(raw: str) -> str:
@@ -184,14 +199,11 @@ def _decode_prefix(raw: str) -> str:
 
 
 def _merge(pieces: list) -> list:
-    """Join consecutive fragments of one kind (one delta per kind per step, not one per character)."""
+    """Join consecutive text fragments (one delta per step, not one per character)."""
     merged: list = []
     for p in pieces:
-        last = merged[-1] if merged else None
-        if isinstance(p, Arguments) and isinstance(last, Arguments) and last.index == p.index:
-            last.text += p.text
-        elif isinstance(p, Content) and isinstance(last, Content):
-            last.text += p.text
+        if isinstance(p, Content) and merged and isinstance(merged[-1], Content):
+            merged[-1].text += p.text
         else:
             merged.append(p)
     return merged
