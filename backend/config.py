@@ -23,6 +23,15 @@ class BackendSettings(BaseSettings):
         "", description="'transcript', 'gemma', 'vicuna', 'chatml' or a Jinja file; default: the GGUF's own, else "
         "'transcript' for a base model or its family's format"
     )
+    n_gpu_layers: int = Field(
+        -1, ge=-1, description="model layers offloaded to the GPU (-1: every layer when the llama.cpp build and "
+        "the machine can offload, else 0; a number above 0 on a build that cannot is an error at start)"
+    )
+    main_gpu: int = Field(0, ge=0, description="the GPU holding the model (or its non-split parts) when there are several")
+    tensor_split: str = Field(
+        "", pattern=r"^$|^[0-9.]+(,[0-9.]+)*$",
+        description="proportions of the model per GPU, e.g. '3,1' (empty: llama.cpp splits by free memory)",
+    )
     extra_buffers: bool = Field(
         False, description="llama.cpp's extra weight buffers (repack/AMX); AMX crashes on some virtual machines"
     )
@@ -72,6 +81,9 @@ class BackendSettings(BaseSettings):
         "at least EMBEDDINGS_CTX"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    def tensor_split_values(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in self.tensor_split.split(",")) if self.tensor_split else ()
 
     @model_validator(mode="after")
     def _batch_holds_a_step(self) -> "BackendSettings":

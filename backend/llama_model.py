@@ -16,6 +16,8 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
+from backend.devices import gpus, list_devices
+
 log = logging.getLogger("backend.llama")
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 INFO, 3 WARN, 4 ERROR
@@ -36,6 +38,26 @@ class ContextConfig:
     n_batch: int
     extra_buffers: bool  # llama.cpp's repack/AMX weight buffers; AMX crashes on some VMs
     embeddings: bool = False  # hidden states out of every decode too (Medusa heads read them)
+    n_gpu_layers: int = 0  # -1: every layer when llama.cpp can offload, else 0
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()  # proportions per GPU; empty: llama.cpp's choice
+
+
+def offload_layers(requested: int, can_offload: bool, n_gpus: int, main_gpu: int, tensor_split: tuple[float, ...]) -> int:
+    """The n_gpu_layers to load with (a number past the model's layers means every layer), or a
+    ValueError that says why the settings cannot be honoured on this build and machine."""
+    if requested == 0 or (requested < 0 and not can_offload):
+        return 0
+    if not can_offload:
+        raise ValueError(
+            f"N_GPU_LAYERS={requested} asks for GPU offload, but this llama.cpp cannot offload: a CPU build "
+            "(install with GPU=cuda scripts/ensure_venv.sh requirements.txt) or no GPU visible (driver, "
+            "CUDA_VISIBLE_DEVICES); set N_GPU_LAYERS=0 to run on the CPU")
+    if main_gpu >= max(n_gpus, 1):
+        raise ValueError(f"MAIN_GPU={main_gpu}, but llama.cpp sees {n_gpus} GPU(s) (numbered from 0)")
+    if len(tensor_split) > max(n_gpus, 1) or (tensor_split and sum(tensor_split) <= 0):
+        raise ValueError(f"TENSOR_SPLIT has {len(tensor_split)} proportions for {n_gpus} GPU(s), or they sum to 0")
+    return requested if requested > 0 else 2**31 - 1
 
 
 class LlamaModel:
@@ -44,10 +66,21 @@ class LlamaModel:
         llama.llama_backend_init()
         mparams = llama.llama_model_default_params()
         mparams.use_extra_bufts = cfg.extra_buffers
+        self.devices = list_devices()
+        self.n_gpu_layers = offload_layers(cfg.n_gpu_layers, bool(llama.llama_supports_gpu_offload()),
+                                           len(gpus(self.devices)), cfg.main_gpu, cfg.tensor_split)
+        mparams.n_gpu_layers = self.n_gpu_layers
+        mparams.main_gpu = cfg.main_gpu
+        if cfg.tensor_split and self.n_gpu_layers:
+            self._tensor_split = (ctypes.c_float * llama.llama_max_devices())(*cfg.tensor_split)  # kept alive
+            mparams.tensor_split = self._tensor_split
         self.path = path
         self.model = llama.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load the model {path}")
+            hint = f" with {cfg.n_gpu_layers if cfg.n_gpu_layers > 0 else 'every'} layer(s) on the GPU: too large for " \
+                "its memory? lower N_GPU_LAYERS" if self.n_gpu_layers else ""
+            raise RuntimeError(f"llama.cpp could not load the model {path}{hint}")
+        self.n_gpu_layers = min(self.n_gpu_layers, llama.llama_model_n_layer(self.model) + 1)  # + the output layer
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
@@ -77,7 +110,8 @@ class LlamaModel:
         cparams.n_threads_batch = threads
         self.ctx = llama.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+            where = "GPU memory for the KV cache? lower CTX_SIZE, N_PARALLEL or N_GPU_LAYERS" if self.n_gpu_layers else "memory?"
+            raise RuntimeError(f"llama.cpp could not create a context (out of {where})")
         self.memory = llama.llama_get_memory(self.ctx)
         self.n_seq_max = cparams.n_seq_max
         # KV cells per sequence: n_ctx_per_seq rounded up to 256 by llama.cpp.

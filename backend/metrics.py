@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from backend.devices import list_devices
+
 STEP_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -64,6 +66,12 @@ class ServiceCollector(Collector):
         spec = svc.speculator
         if spec is not None:
             yield from speculation_metrics(spec)
+        used = GaugeMetricFamily("llmserve_device_memory_used_bytes", "Memory in use on each device llama.cpp computes "
+                                 "on (total minus free, as the device reports it)", labels=["device", "kind"])
+        for d in list_devices():
+            if d.kind != "cpu":  # the CPU's is the host's memory, not the model's
+                used.add_metric([d.name, d.kind], d.memory_used)
+        yield used
         yield counter("llmserve_grammar_compiles", "Distinct grammars compiled", svc.grammars.compiles)
         yield counter("llmserve_grammar_cache_hits", "Requests whose grammar was already compiled", svc.grammars.hits)
         yield counter("llmserve_grammar_forced_tokens", "Grammar-forced tokens verified as drafts (fast-forward)", st.forced_drafted)

@@ -19,6 +19,7 @@ from backend.embeddings import Embedder, EmbedRefused, open_embedder
 from backend.config import BackendSettings
 from backend.engine import Engine
 from backend.grammar import GrammarCompiler
+from backend.devices import describe_devices, list_devices
 from backend.llama_model import ContextConfig, LlamaModel
 from backend.medusa.loading import build_speculator, heads_path, report
 from backend.speculator import Speculator
@@ -26,7 +27,7 @@ from backend.metrics import EngineMetrics, ServiceCollector
 from backend.model_files import default_cache_dir, resolve_model
 from backend.prepare import PreparedRequest, prepare
 from backend.preset import load_preset
-from common.protocol import ErrorEvent, GenerateBatch, GrammarReport, Health, MedusaReport, ModelInfo, Stats
+from common.protocol import DeviceReport, ErrorEvent, GenerateBatch, GrammarReport, Health, MedusaReport, ModelInfo, Stats
 from common.protocol import EmbedRequest, EmbedResponse
 
 log = logging.getLogger("backend.runtime")
@@ -92,7 +93,13 @@ class ModelService:
         return Stats(active_requests=len(self.active_ids), steps=st.steps, prompt_tokens=st.prompt_tokens,
                      tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3),
                      medusa=self.medusa_report(), speculation=self.speculation_report(),
-                     prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report())
+                     prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report(),
+                     devices=self.device_reports(), n_gpu_layers=self.model.n_gpu_layers if self.model is not None else 0)
+
+    def device_reports(self) -> list[DeviceReport]:
+        """The devices llama.cpp computes on, memory read now (GPU memory used includes other processes')."""
+        return [DeviceReport(name=d.name, description=d.description, kind=d.kind, memory_total_bytes=d.memory_total,
+                             memory_used_bytes=d.memory_used) for d in list_devices()]
 
     def grammar_report(self) -> GrammarReport:
         g, st = self.grammars, self.engine.stats
@@ -110,6 +117,7 @@ class ModelService:
                 ContextConfig(
                     s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers,
                     embeddings=heads_path(s.medusa_heads, path) is not None,
+                    n_gpu_layers=s.n_gpu_layers, main_gpu=s.main_gpu, tensor_split=s.tensor_split_values(),
                 ),
             )
             self.speculator = build_speculator(s, model)
@@ -138,7 +146,8 @@ class ModelService:
                 created=int(time.time()),
             )
             self.model = model
-            log.info("ready: %s (n_ctx %d per request, %d parallel)", self.info.name, model.n_ctx_per_seq, model.n_parallel)
+            log.info("ready: %s (n_ctx %d per request, %d parallel) on %s", self.info.name, model.n_ctx_per_seq,
+                     model.n_parallel, describe_devices(list_devices(), model.n_gpu_layers))
         except Exception as e:  # reported by /health; the process stays up to say why
             log.exception("model failed to load")
             self.error = f"{type(e).__name__}: {e}"

@@ -223,6 +223,14 @@ class GrammarReport(BaseModel):
     forced_accepted: int = Field(0, description="of those, tokens the model chose too")
 
 
+class DeviceReport(BaseModel):
+    name: str = Field(description="llama.cpp's device name, e.g. CUDA0 or CPU")
+    description: str = Field(description="e.g. NVIDIA H200")
+    kind: str = Field(description="cpu, gpu, igpu or accel")
+    memory_total_bytes: int
+    memory_used_bytes: int = Field(description="total minus free, as the device reports it")
+
+
 class Stats(BaseModel):
     active_requests: int
     steps: int = Field(description="llama_decode calls so far")
@@ -234,6 +242,8 @@ class Stats(BaseModel):
                                      "acceptance, decode costs, per-step decisions")
     prompt_cache: PromptCacheReport | None = None
     grammar: GrammarReport | None = None
+    devices: list[DeviceReport] = Field(default_factory=list, description="where llama.cpp computes")
+    n_gpu_layers: int = Field(0, description="model layers offloaded to a GPU (a number past the model's: all)")
 
 
 class TokenizeRequest(BaseModel):

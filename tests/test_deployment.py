@@ -114,3 +114,9 @@ def test_api_server_script_waits_for_the_model_server_it_is_given(env, url):
         os.killpg(proc.pid, 9)
         proc.wait()
     assert first.strip() == f"waiting for the model server at {url} ...", first
+
+
+def test_ensure_venv_refuses_an_unknown_gpu_kind():
+    r = subprocess.run(["scripts/ensure_venv.sh", "requirements.txt"], cwd=ROOT, env={**os.environ, "GPU": "rocm"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "GPU must be 'cuda'" in r.stderr
