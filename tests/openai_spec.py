@@ -4,7 +4,7 @@ The spec (`../shared/openai-openapi/openapi.yaml`, OpenAI's own file, unmodified
 still writes OpenAPI 3.0's `nullable: true` in places; here that reads as "or null"
 (`anyOf: [schema, {"type": "null"}]`), and the document is then checked with a JSON Schema 2020-12
 validator whose `referencing` registry resolves every `#/components/schemas/...` reference.
-`OPENAI_SPEC` overrides where the file is looked for.
+`OPENAI_SPEC` overrides where the file is looked for (`spec_path`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,37 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC_PATH = Path(os.environ.get("OPENAI_SPEC", ROOT.parent / "shared" / "openai-openapi" / "openapi.yaml"))
 SPEC_URI = "urn:openai:openapi"
+_IN_SHARED = Path("shared") / "openai-openapi" / "openapi.yaml"
+
+
+def _origin_dir() -> Path | None:
+    """The checkout this one was cloned from, when that is a folder on this machine (`git clone . /tmp/x`)."""
+    import subprocess
+
+    try:
+        url = subprocess.run(["git", "-C", str(ROOT), "config", "remote.origin.url"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(url.removeprefix("file://")) if url and "://" not in url.removeprefix("file://") else None
+    return path.resolve() if path is not None and path.is_dir() else None
+
+
+def spec_path() -> Path:
+    """OPENAI_SPEC, else the `shared/` folder beside the checkout (where every checkout has it), inside
+    it, or beside the checkout it was cloned from."""
+    if os.environ.get("OPENAI_SPEC"):
+        return Path(os.environ["OPENAI_SPEC"])
+    places = [ROOT.parent / _IN_SHARED, ROOT / _IN_SHARED]
+    origin = _origin_dir()
+    if origin is not None:
+        places.append(origin.parent / _IN_SHARED)
+    for place in places:
+        if place.is_file():
+            return place
+    raise FileNotFoundError("OpenAI's spec is not in any of " + ", ".join(map(str, places)) +
+                            "; set OPENAI_SPEC to its openapi.yaml")
 
 
 def or_null(node):
@@ -36,7 +65,7 @@ def _registry_and_spec():
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
 
-    with SPEC_PATH.open() as f:
+    with spec_path().open() as f:
         spec = or_null(yaml.safe_load(f))
     resource = Resource.from_contents(spec, default_specification=DRAFT202012)
     return Registry().with_resource(SPEC_URI, resource), spec
@@ -53,7 +82,7 @@ def validator(schema_name: str):
 
     registry, spec = _registry_and_spec()
     if schema_name not in spec["components"]["schemas"]:
-        raise KeyError(f"{schema_name} is not a schema of {SPEC_PATH}")
+        raise KeyError(f"{schema_name} is not a schema of {spec_path()}")
     return Draft202012Validator({"$ref": f"{SPEC_URI}#/components/schemas/{schema_name}"}, registry=registry)
 
 
