@@ -95,6 +95,11 @@ def _chat_logprobs(entries: list[TokenLogprob]) -> list[ChatCompletionTokenLogpr
     ]
 
 
+def _message(**fields) -> ChatCompletionMessage:
+    # refusal set, not left unset: the published schema requires it (null: the model refused nothing).
+    return ChatCompletionMessage(role="assistant", refusal=None, **fields)
+
+
 def _call_id() -> str:
     return "call_" + new_request_id()[:24]
 
@@ -132,7 +137,7 @@ class ChatResponder:
         choices = []
         for i in range(self.n):
             text, reason = "".join(texts[i]), finish.get(i, "stop")
-            message = ChatCompletionMessage(role="assistant", content=text, refusal=None)
+            message = _message(content=text)
             if self.tools:
                 message, reason = self._tool_message(text, reason)
             choices.append(Choice(
@@ -150,13 +155,12 @@ class ChatResponder:
         if not reader.calls:
             # A text reply, or a reply cut short inside a call: no call, and no JSON passed off as text.
             content = reader.content if reader.started else text
-            return ChatCompletionMessage(role="assistant", content=content, refusal=None), reason
+            return _message(content=content), reason
         if self.legacy:
             call = reader.calls[0]
-            message = ChatCompletionMessage(role="assistant", content=None, refusal=None,
-                                            function_call=FunctionCall(name=call.name, arguments=call.arguments))
+            message = _message(content=None, function_call=FunctionCall(name=call.name, arguments=call.arguments))
         else:
-            message = ChatCompletionMessage(role="assistant", content=None, refusal=None, tool_calls=[
+            message = _message(content=None, tool_calls=[
                 ChatCompletionMessageToolCall(id=_call_id(), type="function",
                                               function=Function(name=c.name, arguments=c.arguments))
                 for c in reader.calls

@@ -9,6 +9,7 @@ beside libllama (or the ones `LLAMA_CPP_LIB_PATH` points at), so it is bound her
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -53,22 +54,33 @@ def _load(names: tuple[str, ...]) -> ctypes.CDLL | None:
     return None
 
 
+@functools.cache
+def _bindings() -> tuple[ctypes.CDLL, ctypes.CDLL] | None:
+    """libggml and libggml-base with the device functions' signatures, bound once per process (every
+    /stats and /metrics read lists the devices)."""
+    ggml = _load(("libggml.so", "libggml.dylib", "ggml.dll"))
+    base = _load(("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"))
+    if ggml is None or base is None:
+        return None
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
+        fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+    base.ggml_backend_dev_type.restype, base.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    base.ggml_backend_dev_memory.restype = None
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    return ggml, base
+
+
 def list_devices() -> list[Device]:
     """Every device ggml has registered in this process (call after the model is loaded, when the
-    backends are). Empty when the libraries cannot be found."""
+    backends are), memory read now. Empty when the libraries cannot be found."""
     try:
-        ggml = _load(("libggml.so", "libggml.dylib", "ggml.dll"))
-        base = _load(("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"))
-        if ggml is None or base is None:
+        libs = _bindings()
+        if libs is None:
             return []
-        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
-            fn.restype, fn.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-        base.ggml_backend_dev_type.restype, base.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        base.ggml_backend_dev_memory.restype = None
-        base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+        ggml, base = libs
         out = []
         for i in range(ggml.ggml_backend_dev_count()):
             dev = ggml.ggml_backend_dev_get(i)
