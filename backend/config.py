@@ -55,12 +55,25 @@ class BackendSettings(BaseSettings):
         description="prompt-lookup drafts (the tokens that followed the last n-gram earlier in prompt or output): "
         "'auto' (verified where the plan says they pay) or 'off'",
     )
+    heads_device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?|torch-cpu)$",
+        description="where Medusa's heads run: 'auto' (the GPU when the model is offloaded and torch sees CUDA, "
+        "else the CPU), 'cpu' (numpy), 'cuda' / 'cuda:N' (torch, fused, float16), 'torch-cpu' (torch on the CPU)",
+    )
     medusa_acceptance: str = Field("lossless", pattern="^(lossless|typical)$", description="'lossless' or 'typical' (Medusa's, opt-in)")
+    exactness: str = Field(
+        "strict", pattern="^(strict|fast)$",
+        description="'strict': greedy output depends on nothing but the request (verify decodes only of row "
+        "counts measured at load to match one-by-one decoding, companion rows, exact prompt cache); 'fast': "
+        "any batch shape llama-server uses (longer verifies, no companion rows, PROMPT_CACHE=fast unless "
+        "set): faster, and greedy output may differ from a lone plain run",
+    )
     prompt_cache: str = Field(
-        "exact", pattern="^(exact|fast|off)$",
+        "", pattern="^(|exact|fast|off)$",
         description="keep finished requests' KV cells for later prompts sharing a prefix: 'exact' (reuse only "
         "cells a cold prefill computes identically: output never depends on the cache), 'fast' (reuse every "
-        "cell, as llama-server does: faster next turns, greedy output may differ), 'off'",
+        "cell, as llama-server does: faster next turns, greedy output may differ), 'off'; default: 'exact', "
+        "'fast' under EXACTNESS=fast",
     )
     prompt_cache_ram_mb: int = Field(
         2048, ge=0, description="host memory for saved prompt states behind the slots (0: no RAM tier)"
@@ -84,6 +97,12 @@ class BackendSettings(BaseSettings):
 
     def tensor_split_values(self) -> tuple[float, ...]:
         return tuple(float(x) for x in self.tensor_split.split(",")) if self.tensor_split else ()
+
+    @model_validator(mode="after")
+    def _cache_follows_exactness(self) -> "BackendSettings":
+        if not self.prompt_cache:
+            self.prompt_cache = "fast" if self.exactness == "fast" else "exact"
+        return self
 
     @model_validator(mode="after")
     def _batch_holds_a_step(self) -> "BackendSettings":

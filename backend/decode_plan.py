@@ -17,21 +17,17 @@ position, dropped right after the decode).
 That next position always has a cell: a request ends when its last token reaches the context's
 last position, and that token is never decoded.
 
-Prompt chunks run alone on a fixed schedule and Medusa verifies 2..63 rows: both already fixed.
+Prompt chunks run alone on a fixed schedule and a verify decode has 2..63 rows: both already fixed.
+Under EXACTNESS=fast no companion rows are added (the engine's `companions` flag).
 """
 
 from __future__ import annotations
 
 # Position from which a lone single-token ubatch gets a KV view of >= 512 cells (split-KV path).
 SPLIT_KV_FROM_POS = 256
-# Query rows per stream from which flash attention tiles; a verify decode must stay below it.
+# Query rows per stream from which flash attention tiles; a verify decode stays below it
+# (backend/spec/verify_rows.py).
 TILED_FROM_ROWS = 64
-# Most rows of one sequence in a verify decode (last token + draft) whose logits are exactly those of
-# decoding the same tokens one by one. Measured (gemma-3-270m Q4_K_M, 2 threads): every row of a
-# decode of 2..7 rows matches to the bit; from 8 rows the matmuls round differently and a later row
-# is off by 0.2 (8-11 rows), 0.28 (12-23), up to 1.2 (32) in a logit, enough to change what a
-# seeded sampler draws. So drafts (Medusa's or grammar-forced) are at most 6 tokens.
-VERIFY_MAX_ROWS = 7
 
 
 def needs_companion(pos: int, n_cells: int) -> bool:

@@ -27,18 +27,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.decode_plan import VERIFY_MAX_ROWS, companion_rows, needs_companion
+from backend.decode_plan import companion_rows, needs_companion
 from backend.grammar import GrammarError
 from backend.llama_model import LlamaModel
 from backend.logprobs import prompt_logprobs
 from backend.metrics import EngineMetrics
-from backend.medusa.tree import typical_ok
-from backend.medusa.verify import verify
+from backend.spec.tree import typical_ok
+from backend.spec.verify import verify
 from backend.prepare import PreparedRequest
 from backend.scheduler import Scheduler
 from backend.sequence import Request, Sequence, Sink
 from backend.slots import CacheMode, SlotManager
-from backend.speculator import Speculator
+from backend.spec.speculator import Speculator
+from backend.spec.verify_rows import UNMEASURED_ROWS, VerifyLimit
 from common.protocol import DoneEvent, ErrorEvent, PromptEvent
 
 log = logging.getLogger("backend.engine")
@@ -69,7 +70,10 @@ class Engine:
         cache_ram_bytes: int = 0,
         fast_forward: bool = True,
         metrics: EngineMetrics | None = None,
+        limit: VerifyLimit | None = None,
     ):
+        """limit: the most rows of a verify decode and the EXACTNESS mode (backend/spec/verify_rows.py;
+        default the CPU's measured 7 rows, strict). Under fast, no companion rows are added."""
         if speculator is not None and speculator.on and not model.embeddings:
             raise ValueError("Medusa needs a context with embeddings on")
         self.model = model
@@ -77,7 +81,8 @@ class Engine:
         self.metrics = metrics
         self.stats = EngineStats()
         self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes)
-        self.scheduler = Scheduler(self.slots, prefill_chunk, fast_forward)
+        self.limit = limit or VerifyLimit(UNMEASURED_ROWS, "strict")
+        self.scheduler = Scheduler(self.slots, prefill_chunk, fast_forward, self.limit.max_draft)
         self._commands: queue.Queue = queue.Queue()
         self._outbox: dict[int, tuple[Sink, list]] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -207,8 +212,9 @@ class Engine:
             self.slots.idle_done(slot, tokens, start, end)
 
     def _cells_for_companions(self) -> int:
-        # 0 turns companion rows off: a recurrent state would advance over the throwaway token.
-        return self.model.n_cells if self.model.attention_only else 0
+        # 0 turns companion rows off: a recurrent state would advance over the throwaway token, and
+        # EXACTNESS=fast lets a lone row take the split-KV path as llama-server's does.
+        return self.model.n_cells if self.model.attention_only and self.limit.exactness == "strict" else 0
 
     def _decode_tokens(self, seqs: list[Sequence]) -> None:
         """One llama_decode of each sequence's next token (sequence-id order); a lone sequence past
@@ -262,7 +268,7 @@ class Engine:
         drafted it ("medusa", "lookup", or "forced": starting with grammar-forced tokens)."""
         m = self.model
         room = min(m.n_ctx_per_seq - 1 - seq.n_past, seq.max_tokens - seq.generated - 1)
-        draft = draft[: max(0, min(room, VERIFY_MAX_ROWS - 1))]  # rows computed as one by one (decode_plan)
+        draft = draft[: max(0, min(room, self.limit.max_draft))]  # rows exact as one by one (verify_rows)
         base = seq.n_past
         m.batch_clear()
         m.batch_add(seq.last_token, base, seq.seq_id, True)

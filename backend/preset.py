@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.medusa.heads import load_heads, resolve_heads_file
+from backend.spec.heads import load_heads, resolve_heads_file
 from backend.quantize import quantize
 
 log = logging.getLogger("backend.preset")

@@ -21,8 +21,9 @@ from backend.engine import Engine
 from backend.grammar import GrammarCompiler
 from backend.devices import describe_devices, list_devices
 from backend.llama_model import ContextConfig, LlamaModel
-from backend.medusa.loading import build_speculator, heads_path, report
-from backend.speculator import Speculator
+from backend.spec.build import build_speculator, heads_path, report
+from backend.spec.speculator import Speculator
+from backend.spec.verify_rows import VerifyLimit, verify_limit
 from backend.metrics import EngineMetrics, ServiceCollector
 from backend.model_files import default_cache_dir, resolve_model
 from backend.prepare import PreparedRequest, prepare
@@ -45,6 +46,7 @@ class ModelService:
         self.error: str | None = None
         self.active_ids: set[str] = set()
         self.speculator: Speculator | None = None
+        self.limit: VerifyLimit | None = None  # the most rows of a verify decode, measured at load
         self.grammars: GrammarCompiler | None = None
         self.embedder: Embedder | None = None  # a second context on the same model (backend/embeddings.py)
         self.embeddings_off = "embeddings are turned off on this model server (EMBEDDINGS=false)"
@@ -94,7 +96,8 @@ class ModelService:
                      tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3),
                      medusa=self.medusa_report(), speculation=self.speculation_report(),
                      prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report(),
-                     devices=self.device_reports(), n_gpu_layers=self.model.n_gpu_layers if self.model is not None else 0)
+                     devices=self.device_reports(), n_gpu_layers=self.model.n_gpu_layers if self.model is not None else 0,
+                     verify=self.limit.as_dict() if self.limit is not None else None)
 
     def device_reports(self) -> list[DeviceReport]:
         """The devices llama.cpp computes on, memory read now (GPU memory used includes other processes')."""
@@ -120,7 +123,8 @@ class ModelService:
                     n_gpu_layers=s.n_gpu_layers, main_gpu=s.main_gpu, tensor_split=s.tensor_split_values(),
                 ),
             )
-            self.speculator = build_speculator(s, model)
+            self.limit = verify_limit(model, s.exactness)
+            self.speculator = build_speculator(s, model, self.limit)
             if (self.speculator is None or not self.speculator.on) and model.embeddings:
                 model.stop_hidden_states()  # heads given but the tuning keeps Medusa off
             self.template = choose_template(
@@ -130,7 +134,7 @@ class ModelService:
             self.grammars = GrammarCompiler(model, s.grammar_cache)
             self.engine = Engine(model, prefill_chunk=s.prefill_chunk, speculator=self.speculator,
                                  cache_mode=s.prompt_cache, cache_ram_bytes=s.prompt_cache_ram_mb << 20,
-                                 fast_forward=s.grammar_fast_forward, metrics=self.engine_metrics)
+                                 fast_forward=s.grammar_fast_forward, metrics=self.engine_metrics, limit=self.limit)
             self.engine.start()
             if s.embeddings:
                 self.embedder, self.embeddings_off = open_embedder(model, s.embeddings_ctx, s.embeddings_batch, s.threads)

@@ -14,13 +14,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from backend.decode_plan import VERIFY_MAX_ROWS
 from backend.sequence import Request, Sequence
 from backend.slots import Slot, SlotManager
-from backend.speculator import Speculator
+from backend.spec.speculator import Speculator
+from backend.spec.verify_rows import UNMEASURED_ROWS
 
 PROMPT_LOGPROBS_CHUNK = 32  # every token of such a chunk is an output row of n_vocab floats
-MAX_DRAFT = VERIFY_MAX_ROWS - 1  # longer verify decodes round differently (decode_plan)
 
 
 def forced_alone(seq: Sequence, n_decoding: int, limit: int, fast_forward: bool) -> list[int]:
@@ -46,8 +45,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, slots: SlotManager, prefill_chunk: int, fast_forward: bool = True):
+    def __init__(self, slots: SlotManager, prefill_chunk: int, fast_forward: bool = True,
+                 max_draft: int = UNMEASURED_ROWS - 1):
+        """max_draft: the longest draft a verify decode holds (backend/spec/verify_rows.py)."""
         self.slots = slots
+        self.max_draft = max_draft
         self.prefill_chunk = prefill_chunk
         self.fast_forward = fast_forward
         self.waiting: deque[Request] = deque()
@@ -85,9 +87,9 @@ class Scheduler:
         step = StepPlan()
         if spec is not None:
             chosen = [(c.draft, c.source) if c is not None else None
-                      for c in spec.plan(decoding, MAX_DRAFT, self.fast_forward)]
+                      for c in spec.plan(decoding, self.max_draft, self.fast_forward)]
         else:
-            chosen = [(f, "forced") if (f := forced_alone(s, len(decoding), MAX_DRAFT, self.fast_forward)) else None
+            chosen = [(f, "forced") if (f := forced_alone(s, len(decoding), self.max_draft, self.fast_forward)) else None
                       for s in decoding]
         for seq, pick in zip(decoding, chosen):
             if pick is not None:

@@ -19,7 +19,7 @@ from backend.logprobs import token_logprob
 from backend.prepare import PreparedRequest
 from backend.sampling import Sampler
 from backend.slots import Slot
-from backend.speculator import SequenceDrafts
+from backend.spec.speculator import SequenceDrafts
 from backend.text_stream import TextStream
 from common.protocol import DeltaEvent, DoneEvent, FinishReason, TokenLogprob
 from common.tool_reply import ReplyReader

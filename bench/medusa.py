@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.medusa.planning import expected_tokens
-from backend.medusa.tree import chain
+from backend.spec.tree import chain
 from bench.inprocess import interleaved_levels
 from bench.loadgen import PROMPTS
 
@@ -123,7 +123,7 @@ def default_model_part(args) -> dict:
 
 def big_model_part(args) -> dict:
     from backend.llama_model import ContextConfig, LlamaModel
-    from backend.medusa.planning import measure_costs
+    from backend.spec.costs import measure_costs
     from bench.synthetic_gguf import VICUNA_7B, write_llama_gguf
 
     cache = Path(args.cache)

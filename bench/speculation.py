@@ -231,7 +231,7 @@ def projection(cost: dict, batch: dict, by_cat: dict, tokens_by_cat: dict, strea
     category's measured acceptance: each step, every stream has Medusa's draft, and prompt lookup's
     with the measured share of steps it had one (streams independent); the plan (draft_plan.choose)
     picks what to verify; the speedup is expected tokens per expected millisecond over plain's."""
-    from backend.draft_plan import CostTable, Option, choose, expected_tokens  # noqa: F401
+    from backend.spec.draft_plan import CostTable, Option, choose, expected_tokens  # noqa: F401
 
     chain, batch_t = CostTable({int(k): v for k, v in cost.items()}), CostTable({int(k): v for k, v in batch.items()})
     out = {}

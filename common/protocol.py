@@ -244,6 +244,8 @@ class Stats(BaseModel):
     grammar: GrammarReport | None = None
     devices: list[DeviceReport] = Field(default_factory=list, description="where llama.cpp computes")
     n_gpu_layers: int = Field(0, description="model layers offloaded to a GPU (a number past the model's: all)")
+    verify: dict | None = Field(None, description="EXACTNESS and the most rows of one verify decode: measured at load "
+                                "under strict (exact_by_rows: the row counts probed)")
 
 
 class TokenizeRequest(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.draft_plan import (
+from backend.spec.draft_plan import (
     Choice,
     CostTable,
     DepthCounts,
@@ -15,7 +15,7 @@ from backend.draft_plan import (
     expected_tokens,
     judge,
 )
-from backend.lookup import NgramIndex
+from backend.spec.lookup import NgramIndex
 
 # A small model's curve (ms): a verify of 2 rows costs 1.1 plain tokens, 4 rows 1.5; four sequences'
 # shared step costs 1.5 of one.

@@ -177,7 +177,7 @@ def test_stop_strings_and_eos_inside_a_draft(model_service, medusa_service, tmp_
     # "ha ha ha ha ha" after some " ha" tokens. Where its end falls on depth 1 of a verify step, the
     # draft [" ha", EOS, EOS] holds it there: which bias does that depends on the machine's numbers
     # (llama.cpp's continuation differs between CPUs), so the biases are tried until one does.
-    from backend.medusa.heads import Head, MedusaHeads
+    from backend.spec.heads import Head, MedusaHeads
     from backend.medusa.init_heads import base_initialised_heads
 
     m = model_service.model
@@ -267,7 +267,7 @@ def test_a_branching_tree_is_refused_at_load_with_its_reason(model_service, medu
 def test_typical_acceptance_never_bypasses_the_sampler_chain(model_service, tmp_path):
     # Heads whose vocabulary is the one token " ": they always propose it, and after "1" the model
     # itself finds " " likely, so typical acceptance would take it; a bias of -100 must still win.
-    from backend.medusa.heads import Head, MedusaHeads
+    from backend.spec.heads import Head, MedusaHeads
 
     banned = model_service.model.tokenize(" 1", add_special=False)[0]
     hidden = model_service.model.n_embd
@@ -304,7 +304,7 @@ def test_figures_in_model_info_and_stats(medusa_service):
 
 
 def test_heads_for_another_model_are_refused(model_service, tmp_path):
-    from backend.medusa.heads import heads_from_state_dict
+    from backend.spec.heads import heads_from_state_dict
     from tests.test_medusa_units import fd_state
 
     heads_from_state_dict(fd_state(n_heads=2, hidden=32, vocab=100)).save(tmp_path / "h.safetensors")

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from backend.medusa.heads import load_heads
+from backend.spec.heads import load_heads
 from backend.medusa.train import build_vocab, examples, run, to_subset, training_prompts
 from bench.synthetic_gguf import LlamaShape, write_llama_gguf
 
@@ -49,7 +49,7 @@ def test_the_corpus_covers_every_category_and_holds_each_out(tmp_path):
 def test_sequential_heads_in_numpy_draft_what_the_torch_module_predicts(tmp_path):
     import torch
 
-    from backend.medusa.heads import load_heads
+    from backend.spec.heads import load_heads
     from backend.medusa.train import make_module
 
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def test_sequential_heads_in_numpy_draft_what_the_torch_module_predicts(tmp_path
     module = make_module(6, 3, np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32), "sequential")
     for p in module.parameters():  # non-trivial weights everywhere (the ResBlocks start at zero)
         p.data = torch.randn_like(p)
-    from backend.medusa.heads import Head, MedusaHeads
+    from backend.spec.heads import Head, MedusaHeads
 
     heads = MedusaHeads([Head([(h[0].linear.weight.detach().numpy(), h[0].linear.bias.detach().numpy())],
                                h[1].weight.detach().numpy()) for h in module.heads], token_map,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.medusa.heads import HeadsError, heads_from_state_dict, load_heads
-from backend.medusa.planning import expected_tokens, plan
-from backend.medusa.tree import (
+from backend.spec.heads import HeadsError, heads_from_state_dict, load_heads
+from backend.medusa.planning import plan
+from backend.spec.draft_plan import expected_tokens
+from backend.spec.tree import (
     TreeError,
     candidates,
     chain,
@@ -17,7 +18,7 @@ from backend.medusa.tree import (
     typical_ok,
     validate,
 )
-from backend.medusa.verify import verify
+from backend.spec.verify import verify
 
 H, V = 16, 50
 
@@ -193,7 +194,7 @@ class FakeSeq:
     """What the speculator reads of a sequence: its prompt, generated tokens, Medusa draft, grammar."""
 
     def __init__(self, prompt: list[int], draft: list[int]):
-        from backend.speculator import SequenceDrafts
+        from backend.spec.speculator import SequenceDrafts
 
         self.request = type("R", (), {"tokens": prompt})()
         self.tokens: list[int] = []
@@ -207,7 +208,7 @@ class FakeSeq:
 
 
 def test_the_speculator_follows_live_acceptance_judged_on_drafts_it_did_not_verify():
-    from backend.speculator import Speculator
+    from backend.spec.speculator import Speculator
 
     heads = heads_from_state_dict(fd_state(n_heads=3))
     costs = ({1: 20.0, 2: 22.0, 3: 25.0, 4: 30.0, 7: 45.0}, {1: 20.0, 2: 22.0})
@@ -238,7 +239,7 @@ def test_the_speculator_follows_live_acceptance_judged_on_drafts_it_did_not_veri
 
 
 def test_max_streams_and_pinned_plans():
-    from backend.speculator import Speculator
+    from backend.spec.speculator import Speculator
 
     heads = heads_from_state_dict(fd_state(n_heads=3))
     costs = ({1: 20.0, 2: 22.0, 3: 25.0, 4: 30.0}, {1: 20.0, 2: 22.0})
@@ -252,8 +253,8 @@ def test_max_streams_and_pinned_plans():
 
 
 def test_heads_run_only_as_deep_as_a_draft_could_pay():
-    from backend.draft_plan import DepthCounts
-    from backend.speculator import JUDGE_EVERY, Speculator
+    from backend.spec.draft_plan import DepthCounts
+    from backend.spec.speculator import JUDGE_EVERY, Speculator
 
     heads = heads_from_state_dict(fd_state(n_heads=4))
     costs = ({1: 20.0, 2: 22.0, 3: 25.0, 4: 30.0, 5: 40.0}, {1: 20.0, 2: 22.0, 3: 26.0, 4: 30.0})

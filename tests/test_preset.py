@@ -62,7 +62,7 @@ def test_the_converted_model_and_heads_compute_what_the_originals_compute(prepar
     import torch
 
     from backend.llama_model import ContextConfig, LlamaModel
-    from backend.medusa.heads import load_heads
+    from backend.spec.heads import load_heads
     from backend.preset import convert_python
 
     cache, meta, _, repos = prepared

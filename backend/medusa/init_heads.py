@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.medusa.heads import Head, MedusaHeads
+from backend.spec.heads import Head, MedusaHeads
 
 
 def output_rows(gguf_path: Path, token_ids: np.ndarray) -> np.ndarray:

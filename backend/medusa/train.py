@@ -10,7 +10,7 @@
    as it would when served. Saved in shards: resumable. A share of every category is held out.
 2. Vocabulary subset: the most frequent target tokens of the training split, with a token map (a
    full projection per head onto Gemma's 262,144 tokens would be 168M parameters).
-3. Heads (backend/medusa/heads.py): Medusa's (a ResBlock on the hidden state, one per head) or
+3. Heads (backend/spec/heads.py): Medusa's (a ResBlock on the hidden state, one per head) or
    sequential ones (each depth also reads the embedding of the token before its target: the token
    just chosen, then the draft's own guesses, as Hydra does); projections initialised from the base
    model's own output rows; per-head cross-entropy against the token 2+k ahead, weights 0.8^k, AdamW
@@ -40,9 +40,9 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.llama_model import ContextConfig, LlamaModel
-from backend.medusa.heads import Head, MedusaHeads
+from backend.spec.heads import Head, MedusaHeads
 from backend.medusa.init_heads import output_rows
-from backend.draft_plan import expected_tokens
+from backend.spec.draft_plan import expected_tokens
 from backend.model_files import resolve_model
 from backend.medusa import corpus
 

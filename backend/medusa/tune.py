@@ -24,10 +24,11 @@ from pathlib import Path
 from backend.config import BackendSettings
 from backend.llama_model import ContextConfig, LlamaModel
 from backend.local import run_requests
-from backend.medusa.heads import load_heads
-from backend.medusa.planning import COST_KS, measure_costs, plan
+from backend.spec.heads import load_heads
+from backend.medusa.planning import plan
+from backend.spec.costs import COST_KS, measure_costs
 from backend.medusa.train import PROMPTS_FILE
-from backend.medusa.tree import chain
+from backend.spec.tree import chain
 from backend.model_files import resolve_model
 from backend.runtime import ModelService
 from common.protocol import GenerationRequest

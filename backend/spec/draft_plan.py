@@ -19,7 +19,7 @@ the sequence really produced next, whether or not the draft was verified (the "s
 free, and it keeps every source's figure current even while the plan does not use it). A sequence's
 own record counts most; the server-wide record of the source is its prior.
 
-Costs start from a measurement at load (backend/medusa/planning.measure_costs) and follow the decodes
+Costs start from a measurement at load (backend/spec/costs.measure_costs) and follow the decodes
 the engine really runs (an exponential moving average per row count), so a busy machine or a long
 context moves the plan with it.
 """

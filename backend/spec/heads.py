@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.medusa.tree import candidates
+from backend.spec.tree import candidates
 
 _RESBLOCK = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
 _PROJ = re.compile(r"^(\d+)\.(\d+)\.weight$")

@@ -1,18 +1,20 @@
 """Speculation: which drafts exist for each decoding sequence and which of them a step verifies.
 
 Three sources draft the tokens after a sequence's last one:
-- "medusa": Medusa's heads (backend/medusa/heads.py), from the hidden state of the last decode;
-- "lookup": prompt lookup (backend/lookup.py), what followed the last n-gram earlier in the sequence;
+- "medusa": Medusa's heads (heads.py, run where head_compute.py says), from the hidden state of the
+  last decode;
+- "lookup": prompt lookup (lookup.py), what followed the last n-gram earlier in the sequence;
 - "forced": the tokens a grammar forces (fast-forward), followed by Medusa's guesses for the depths
   after them, cut at the first token the grammar forbids (as every draft of a constrained sequence).
 
-Each step the plan (backend/draft_plan.choose) picks, per sequence, the draft and length worth a
+Each step the plan (draft_plan.choose) picks, per sequence, the draft and length worth a
 verify decode of their own, or none, from each source's live acceptance and this machine's measured
 decode costs. Every draft offered is later judged against the tokens the sequence really produced,
 verified or not, so each source's acceptance stays current while the plan does not use it.
 
-The draft never changes the output: a verify decode gives every row exactly the logits plain
-decoding gives, and each row's token is chosen as plain decoding chooses it (backend/engine.py).
+The draft never changes the output: a verify decode of at most `max_rows` rows (verify_rows.py)
+gives every row exactly the logits plain decoding gives, and each row's token is chosen as plain
+decoding chooses it (verify.py, backend/engine.py).
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from backend.decode_plan import VERIFY_MAX_ROWS
-from backend.draft_plan import Choice, CostTable, DepthCounts, Option, blended, choose, judge
-from backend.lookup import NgramIndex
-from backend.medusa.heads import MedusaHeads
-from backend.medusa.tree import Choices, path_ranks, validate
+from backend.spec.draft_plan import Choice, CostTable, DepthCounts, Option, blended, choose, judge
+from backend.spec.lookup import NgramIndex
+from backend.spec.head_compute import HeadCompute
+from backend.spec.heads import MedusaHeads
+from backend.spec.tree import Choices, path_ranks, validate
+from backend.spec.verify_rows import UNMEASURED_ROWS
 
-log = logging.getLogger("backend.speculator")
+log = logging.getLogger("backend.spec.speculator")
 
 SOURCES = ("medusa", "lookup", "forced")
 FORCED_PRIOR = 0.95  # grammar-forced tokens: the model nearly always takes them (measured 225/232)
 LOG_EVERY = 500  # verify steps between log lines of the figures
-MAX_DRAFT = VERIFY_MAX_ROWS - 1
 JUDGE_EVERY = 8  # steps between drafts of every depth when the plan would use fewer (or none)
 
 
@@ -93,17 +95,25 @@ class Speculator:
         acceptance: str = "lossless",
         typical_epsilon: float = 0.09,
         typical_alpha: float = 0.3,
+        compute: HeadCompute | None = None,
+        max_rows: int = UNMEASURED_ROWS,
     ):
         """heads/choices: Medusa's heads and draft path (None/[]: no Medusa); costs: this machine's
         (verify cost by rows, shared-step cost by sequences), in ms; lookup: prompt-lookup drafts;
         max_streams: verify only while at most this many sequences decode (None: the plan decides);
-        pinned: verify every sequence's best draft whole (a fixed MEDUSA_TREE), never judge the cost."""
+        pinned: verify every sequence's best draft whole (a fixed MEDUSA_TREE), never judge the cost;
+        compute: where the heads run (head_compute.py; default numpy); max_rows: the most rows of a
+        verify decode (verify_rows.py: measured at load under EXACTNESS=strict)."""
         if heads is not None:
             validate(choices, heads.n_heads)
+            compute = compute or HeadCompute(heads)
             # The heads' matmuls are small; OpenBLAS's own threads would spin on after each one and
             # steal the cores llama.cpp's threads decode on (measured: a 19 ms decode became 112 ms).
             threadpool_limits(1, user_api="blas")
         self.heads = heads
+        self.compute = compute
+        self.max_rows = max_rows
+        self.max_draft = max_rows - 1
         self.choices = list(choices) if heads is not None else []
         self.ranks = path_ranks(self.choices) if heads is not None else []
         self.lookup = lookup
@@ -115,7 +125,7 @@ class Speculator:
         self.chain = CostTable(costs[0])
         self.batch = CostTable(costs[1])
         # Depth counters exist from the start (metrics name every depth a draft may reach).
-        depths = {"medusa": len(self.ranks), "lookup": MAX_DRAFT, "forced": MAX_DRAFT}
+        depths = {"medusa": len(self.ranks), "lookup": self.max_draft, "forced": self.max_draft}
         self.verified = {s: VerifyStats(proposed=[0] * depths[s], accepted=[0] * depths[s]) for s in SOURCES}
         self.judged = {s: DepthCounts() for s in SOURCES}  # every draft offered, judged afterwards
         self.lookup_by_ngram: dict[int, DepthCounts] = {}
@@ -151,7 +161,7 @@ class Speculator:
         token each row chose."""
         if self.heads is None or not self.ranks:
             return [[] for _ in last_tokens]
-        return self.heads.draft(hidden, last_tokens, self.ranks[:depth])
+        return self.compute.draft(hidden, last_tokens, self.ranks[:depth])
 
     def drafting(self, n_streams: int) -> tuple[int, bool]:
         """How deep Medusa drafts this step while n_streams decode, and whether for every sequence.
@@ -265,5 +275,7 @@ class Speculator:
             "step_cost_ms": self.batch.as_dict(),
             "decisions": dict(self.decisions),
             "max_streams": self.max_streams,
+            "verify_max_rows": self.max_rows,
+            "heads": self.compute.report() if self.compute is not None else None,
             "note": self.note,
         }

@@ -1,0 +1,110 @@
+"""How many rows one verify decode may have: a property of the backend, measured at load.
+
+A verify decode computes a sequence's last token and its draft in one llama_decode. Speculation is
+exact only if every row of it gets, to the bit, the logits that decoding the same tokens one by one
+gives. Whether it does depends on the kernels llama.cpp picks for that row count, which differ by
+device and build:
+- on this project's CPU (gemma-3-270m Q4_K_M, 2 threads) every row of a decode of 2..7 rows
+  matches; from 8 rows the matmuls round differently and a later row is off by 0.2 (8-11 rows), 0.28
+  (12-23), up to 1.2 (32) in a logit, enough to change what a seeded sampler draws;
+- on CUDA, matrix-vector kernels serve a few rows and tiled matmuls more, with other rounding.
+So under EXACTNESS=strict the limit is measured when the model loads (`measure`): the reference is
+greedy decoding one row at a time, then decodes of 2, 3, ... rows of the same tokens are compared
+with it, and the limit is the last row count before the first mismatch. Under EXACTNESS=fast any row
+count up to MAX_ROWS is allowed, as llama-server drafts whatever its settings say.
+
+The probe runs at one position (after CALIBRATION_TEXT, below the 256 cells at which the split-KV
+path starts: backend/decode_plan.py), the position the cost measurement uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.decode_plan import TILED_FROM_ROWS
+from backend.llama_model import LlamaModel
+from backend.spec.costs import CALIBRATION_TEXT
+
+log = logging.getLogger("backend.spec")
+
+# The most rows of a verify decode in any mode (1 + 32 draft tokens): below flash attention's tiling
+# from TILED_FROM_ROWS query rows on the CPU, and past what pays on any device measured (an H200's
+# 16-row decode costs 1.9x one row, its 32-row one 2.4x).
+MAX_ROWS = min(33, TILED_FROM_ROWS - 1)
+# Without a measurement (a memory that cannot drop a draft's cells, so no probe can run): the CPU's.
+UNMEASURED_ROWS = 7
+
+
+@dataclass(frozen=True)
+class VerifyLimit:
+    rows: int  # most rows (last token + draft) of one verify decode
+    exactness: str  # "strict" or "fast"
+    probed: dict[int, bool] = field(default_factory=dict)  # row count -> every row exact (strict only)
+    note: str = ""
+
+    @property
+    def max_draft(self) -> int:
+        return self.rows - 1
+
+    def as_dict(self) -> dict:
+        return {"verify_max_rows": self.rows, "exactness": self.exactness,
+                "exact_by_rows": {str(k): v for k, v in sorted(self.probed.items())}, "note": self.note}
+
+
+def largest_exact(probed: dict[int, bool], cap: int = MAX_ROWS) -> int:
+    """1 + the run of exact row counts from 2 upwards (a plan may pick any length up to the limit, so
+    one mismatch ends it, whatever larger counts did)."""
+    rows = 1
+    while rows < cap and probed.get(rows + 1):
+        rows += 1
+    return rows
+
+
+def rows_match(reference: list[np.ndarray], rows: list[np.ndarray]) -> bool:
+    """Every row's logits bit-identical to the reference row's."""
+    return len(reference) == len(rows) and all(np.array_equal(a, b) for a, b in zip(reference, rows))
+
+
+def measure(model: LlamaModel, cap: int = MAX_ROWS, seq_id: int = 0) -> dict[int, bool]:
+    """Probe row counts 2..cap on sequence `seq_id`, stopping at the first that is not exact."""
+    prompt = model.tokenize(CALIBRATION_TEXT, True)
+    pos = len(prompt)
+    first = int(np.argmax(model.prefill(prompt, seq_id)))
+
+    def decode(tokens: list[int], at: int) -> list[np.ndarray]:
+        model.batch_clear()
+        for j, t in enumerate(tokens):
+            model.batch_add(t, at + j, seq_id, True)
+        if model.decode() != 0:
+            raise RuntimeError("llama_decode failed while probing verify decodes")
+        return [model.logits(j).copy() for j in range(len(tokens))]
+
+    # The reference: greedy decoding, one row per decode.
+    tokens, reference = [first], []
+    for j in range(cap):
+        reference.append(decode([tokens[j]], pos + j)[0])
+        tokens.append(int(np.argmax(reference[-1])))
+    probed: dict[int, bool] = {}
+    for k in range(2, cap + 1):
+        model.seq_rm(seq_id, pos, -1)
+        probed[k] = rows_match(reference[:k], decode(tokens[:k], pos))
+        if not probed[k]:
+            break
+    model.seq_rm(seq_id)
+    return probed
+
+
+def verify_limit(model: LlamaModel, exactness: str) -> VerifyLimit:
+    """The verify limit for this model and EXACTNESS setting, measured now under strict."""
+    if exactness == "fast":
+        return VerifyLimit(MAX_ROWS, "fast", note="EXACTNESS=fast: any row count up to %d" % MAX_ROWS)
+    if not model.attention_only:
+        return VerifyLimit(UNMEASURED_ROWS, "strict", note="not measured: this memory cannot drop a probe's cells")
+    probed = measure(model)
+    rows = largest_exact(probed)
+    limit = VerifyLimit(rows, "strict", probed, note=f"measured: decodes of up to {rows} rows match one-by-one decoding")
+    log.info("verify decodes: up to %d rows exact (probed %s)", rows, {k: v for k, v in probed.items()})
+    return limit
