@@ -135,6 +135,7 @@ def test_the_probe_on_the_default_model_measures_exact_rows(model_service):
     if limit.rows < MAX_ROWS:
         assert not model_service.engine.call(lambda m: check(m, limit.rows + 1))
     assert model_service.stats().verify["verify_max_rows"] == limit.rows
+    assert limit.shared_exact is True  # measured on the CPU: a shared step changes no logit
     assert model_service.engine.scheduler.max_draft == limit.rows - 1
     fast = model_service.engine.call(lambda m: verify_limit(m, "fast"))
     assert fast.rows == MAX_ROWS and not fast.probed

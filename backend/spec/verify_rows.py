@@ -44,6 +44,9 @@ class VerifyLimit:
     exactness: str  # "strict" or "fast"
     probed: dict[int, bool] = field(default_factory=dict)  # row count -> every row exact (strict only)
     note: str = ""
+    # A token decoded beside another sequence's gets the logits it gets alone (None: not probed). The
+    # engine relies on it for output independent of load; measured 0 difference on the CPU.
+    shared_exact: bool | None = None
 
     @property
     def max_draft(self) -> int:
@@ -51,7 +54,8 @@ class VerifyLimit:
 
     def as_dict(self) -> dict:
         return {"verify_max_rows": self.rows, "exactness": self.exactness,
-                "exact_by_rows": {str(k): v for k, v in sorted(self.probed.items())}, "note": self.note}
+                "exact_by_rows": {str(k): v for k, v in sorted(self.probed.items())},
+                "shared_step_exact": self.shared_exact, "note": self.note}
 
 
 def largest_exact(probed: dict[int, bool], cap: int = MAX_ROWS) -> int:
@@ -68,8 +72,9 @@ def rows_match(reference: list[np.ndarray], rows: list[np.ndarray]) -> bool:
     return len(reference) == len(rows) and all(np.array_equal(a, b) for a, b in zip(reference, rows))
 
 
-def measure(model: LlamaModel, cap: int = MAX_ROWS, seq_id: int = 0) -> dict[int, bool]:
-    """Probe row counts 2..cap on sequence `seq_id`, stopping at the first that is not exact."""
+def measure(model: LlamaModel, cap: int = MAX_ROWS, seq_id: int = 0) -> tuple[dict[int, bool], bool | None]:
+    """Probe row counts 2..cap on sequence `seq_id`, stopping at the first that is not exact; and
+    whether its first token decoded beside sequence seq_id + 1 (when there is one) matches."""
     prompt = model.tokenize(CALIBRATION_TEXT, True)
     pos = len(prompt)
     first = int(np.argmax(model.prefill(prompt, seq_id)))
@@ -93,8 +98,20 @@ def measure(model: LlamaModel, cap: int = MAX_ROWS, seq_id: int = 0) -> dict[int
         probed[k] = rows_match(reference[:k], decode(tokens[:k], pos))
         if not probed[k]:
             break
+    shared = None
+    if model.n_parallel > seq_id + 1:
+        other = seq_id + 1
+        model.prefill(prompt[:-1], other)
+        model.seq_rm(seq_id, pos, -1)
+        model.batch_clear()
+        model.batch_add(tokens[0], pos, seq_id, True)
+        model.batch_add(prompt[-1], pos - 1, other, True)
+        if model.decode() != 0:
+            raise RuntimeError("llama_decode failed while probing a shared step")
+        shared = bool(np.array_equal(model.logits(0), reference[0]))
+        model.seq_rm(other)
     model.seq_rm(seq_id)
-    return probed
+    return probed, shared
 
 
 def verify_limit(model: LlamaModel, exactness: str) -> VerifyLimit:
@@ -103,8 +120,12 @@ def verify_limit(model: LlamaModel, exactness: str) -> VerifyLimit:
         return VerifyLimit(MAX_ROWS, "fast", note="EXACTNESS=fast: any row count up to %d" % MAX_ROWS)
     if not model.attention_only:
         return VerifyLimit(UNMEASURED_ROWS, "strict", note="not measured: this memory cannot drop a probe's cells")
-    probed = measure(model)
+    probed, shared = measure(model)
     rows = largest_exact(probed)
-    limit = VerifyLimit(rows, "strict", probed, note=f"measured: decodes of up to {rows} rows match one-by-one decoding")
-    log.info("verify decodes: up to %d rows exact (probed %s)", rows, {k: v for k, v in probed.items()})
+    limit = VerifyLimit(rows, "strict", probed, note=f"measured: decodes of up to {rows} rows match one-by-one decoding",
+                        shared_exact=shared)
+    log.info("verify decodes: up to %d rows exact (probed %s)", rows, probed)
+    if shared is False:
+        log.warning("a token decoded beside another sequence gets other logits than alone on this backend: "
+                    "greedy output may depend on load here")
     return limit
