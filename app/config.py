@@ -39,6 +39,14 @@ class AppSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM/Ctrl-C, how long requests in flight may run on while new ones get 503 (0: stop at once)"
     )
+    responses_store_max_entries: int = Field(
+        1000, ge=0, description="stored responses (/v1/responses with store: true) kept for GET and previous_response_id; "
+        "past it the least recently used go (0: none kept)"
+    )
+    responses_store_max_bytes: int = Field(
+        256 * 2**20, ge=0, description="bytes of JSON the response store holds at most (each entry holds its whole "
+        "conversation); past it the least recently used go"
+    )
     info_refresh_s: float = Field(5.0, gt=0, description="how often the model server's /info is checked for a restart")
     log_level: str = Field("info", description="debug, info, warning or error")
 

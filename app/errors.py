@@ -1,7 +1,8 @@
-"""Typed API errors and the one place that turns every error into OpenAI's envelope.
+"""Typed API errors and the one place that turns every error into its envelope.
 
-Raise an APIError subclass anywhere; the handlers installed by `install_error_handlers` render
-{"error": {"message", "type", "param", "code"}} with the error's status. No regex over exception text.
+Raise an APIError subclass anywhere; the handlers installed by `install_error_handlers` render OpenAI's
+{"error": {"message", "type", "param", "code"}} with the error's status, or, on the routes of Anthropic's
+Messages API, Anthropic's {"type": "error", "error": {"type", "message"}}. No regex over exception text.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import re
 
+from anthropic.types import ErrorResponse as AnthropicErrorResponse
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -105,8 +107,31 @@ class _ErrorJSON(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def error_response(err: APIError) -> JSONResponse:
-    return _ErrorJSON(err.body(), status_code=err.status, headers=err.headers())
+def is_anthropic_path(path: str) -> bool:
+    """The routes of Anthropic's Messages API, whose clients read Anthropic's envelope."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+# Anthropic's error type for each status this API answers (https://docs.anthropic.com/en/api/errors). A
+# full queue (429) and an unavailable or draining model server (503) are what Anthropic calls overloaded:
+# 529 overloaded_error, which its SDKs and Claude Code retry after a pause.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "overloaded_error", 503: "overloaded_error"}
+OVERLOADED = 529
+
+
+def anthropic_error(err: APIError) -> tuple[int, dict]:
+    """The status and body of `err` in Anthropic's envelope."""
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    # No `param` in this envelope: the field at fault leads the message, as in Anthropic's own ("max_tokens: ...").
+    message = f"{err.param}: {err.message}" if err.param and err.param not in err.message else err.message
+    body = AnthropicErrorResponse.model_validate({"type": "error", "error": {"type": kind, "message": message}})
+    return (OVERLOADED if kind == "overloaded_error" else err.status), body.model_dump(mode="json", exclude_none=True)
+
+
+def error_response(err: APIError, path: str = "") -> JSONResponse:
+    status, body = anthropic_error(err) if is_anthropic_path(path) else (err.status, err.body())
+    return _ErrorJSON(body, status_code=status, headers=err.headers())
 
 
 def _is_union_tag(part) -> bool:
@@ -207,18 +232,37 @@ ERROR_SCHEMA = {
     }},
 }
 
+# Anthropic's envelope, for the Messages API's routes.
+ANTHROPIC_ERROR_SCHEMA = {
+    "title": "AnthropicErrorResponse",
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object",
+        "required": ["type", "message"],
+        "properties": {
+            "type": {"type": "string", "description": "invalid_request_error, authentication_error, not_found_error, "
+                                                      "overloaded_error, api_error"},
+            "message": {"type": "string"},
+        },
+    }},
+}
+
 _ERROR_STATUSES = {
     "400": "Invalid request: a field out of range, of the wrong type, or not supported (names `param`)",
     "401": "Missing or wrong API key",
     "404": "Unknown model",
     "429": "Queue full or model server overloaded; retry after `Retry-After` seconds",
     "503": "Model server unavailable, or the server is shutting down",
+    "529": "Overloaded (Anthropic's overloaded_error): queue full, model server unavailable, or the server is "
+           "shutting down; retry after `Retry-After` seconds",
 }
 
 
 def document_errors(app: FastAPI) -> None:
     """Make the OpenAPI document say what the API answers on errors: OpenAI's envelope with 400 (never
-    FastAPI's 422, which this API does not send), 401, 404, 429 and 503 on the /v1/ routes."""
+    FastAPI's 422, which this API does not send), 401, 404, 429 and 503 on the /v1/ routes; Anthropic's
+    with 400, 401, 404 and 529 on the Messages API's."""
     original = app.openapi
 
     def openapi() -> dict:
@@ -234,21 +278,23 @@ def document_errors(app: FastAPI) -> None:
 def _document(schema: dict) -> None:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["ErrorResponse"] = ERROR_SCHEMA
-    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    components["AnthropicErrorResponse"] = ANTHROPIC_ERROR_SCHEMA
     for path, operations in schema.get("paths", {}).items():
+        anthropic = is_anthropic_path(path)
+        ref = {"$ref": f"#/components/schemas/{'AnthropicErrorResponse' if anthropic else 'ErrorResponse'}"}
         for method, op in operations.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
             if not path.startswith("/v1/"):
                 continue
-            statuses = ["401", "503"]
+            statuses = ["401", "529" if anthropic else "503"]
             if op.get("requestBody") or op.get("parameters"):
                 statuses += ["400", "404"]
-            if method == "post":
+            if method == "post" and not anthropic:
                 statuses.append("429")
             for status in sorted(statuses):
                 entry = {"description": _ERROR_STATUSES[status], "content": {"application/json": {"schema": ref}}}
-                if status == "429":
+                if status in ("429", "529"):
                     entry["headers"] = {"Retry-After": {"description": "seconds", "schema": {"type": "string"}}}
                 responses.setdefault(status, entry)
     used = json.dumps(schema.get("paths"))
@@ -261,22 +307,22 @@ def install_error_handlers(app: FastAPI) -> None:
     document_errors(app)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = NotFound(str(exc.detail)) if exc.status_code == 404 else InvalidRequest(str(exc.detail))
         err.status = exc.status_code
-        response = error_response(err)
+        response = error_response(err, request.url.path)
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(InternalError(f"Internal server error: {type(exc).__name__}"))
+        return error_response(InternalError(f"Internal server error: {type(exc).__name__}"), request.url.path)

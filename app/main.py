@@ -19,13 +19,18 @@ from app.batcher import DynamicBatcher
 from app.config import AppSettings
 from app.errors import APIError, ShuttingDown, Unauthorized, error_response, install_error_handlers
 from app.generation import ClientDisconnected, Generation, until_disconnect
+from app.messages_schemas import CountTokensRequest, MessagesRequest
 from app.metrics import ApiMetrics
 from app.replicas import build_router
 from app.request_log import CLIENT_CLOSED, RequestLogMiddleware
+from app.responses_schemas import ResponsesRequest
+from app.responses_store import ResponseStore
 from app.schemas import ChatCompletionRequest, CompletionRequest, reject_unsupported
 from app.serving_chat import ChatResponder, build_request
 from app.serving_completions import CompletionsResponder, build_requests
 from app.serving_embeddings import add_embeddings_route
+from app.serving_messages import MessagesGeneration, MessagesResponder, TokenCounter, chat_request
+from app.serving_responses import ResponsesResponder, Turn, TurnGeneration
 from common.drain import Drain, DrainMiddleware
 
 log = logging.getLogger("app")
@@ -62,9 +67,10 @@ def create_app(settings: AppSettings, client: BackendClient | None = None, drain
     app.state.drain = drain
     install_error_handlers(app)
 
-    def refuse_while_draining(_scope) -> Response:
+    def refuse_while_draining(scope) -> Response:
         metrics.rejected.labels("draining").inc()
-        return error_response(ShuttingDown("The server is shutting down; retry shortly (or on another replica).", retry_after_s=5))
+        return error_response(ShuttingDown("The server is shutting down; retry shortly (or on another replica).",
+                                           retry_after_s=5), scope["path"])
 
     # Outermost last: the request log sees every answer (CORS's and the drain's too).
     app.add_middleware(DrainMiddleware, drain=drain, guarded=lambda path: path.startswith("/v1/"), refuse=refuse_while_draining)
@@ -72,8 +78,8 @@ def create_app(settings: AppSettings, client: BackendClient | None = None, drain
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
 
     async def authorize(request: Request) -> None:
-        if not keys.allows(request.headers.get("authorization")):
-            raise Unauthorized("Incorrect API key provided. Send 'Authorization: Bearer <key>'.")
+        if not keys.allows(request.headers.get("authorization"), request.headers.get("x-api-key")):
+            raise Unauthorized("Incorrect API key provided. Send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
 
     @app.get("/health")
     async def health():
@@ -117,6 +123,40 @@ def create_app(settings: AppSettings, client: BackendClient | None = None, drain
         gen = Generation(router, [build_request(body)], info.name, request.state.record)
         return await respond(request, gen, ChatResponder(body, info.name, gen), bool(body.stream))
 
+    store = ResponseStore(settings.responses_store_max_entries, settings.responses_store_max_bytes)
+    app.state.responses = store
+
+    @app.post("/v1/responses", dependencies=[Depends(authorize)])
+    async def create_response(body: ResponsesRequest, request: Request):
+        turn = Turn(body, store)
+        info = await router.check(body.model)
+        gen = TurnGeneration(router, turn, info.name, request.state.record)
+        return await respond(request, gen, ResponsesResponder(turn, info.name, gen, store), bool(body.stream))
+
+    @app.get("/v1/responses/{response_id}", dependencies=[Depends(authorize)])
+    async def get_response(response_id: str):
+        return Response(store.response(response_id, "response_id"), media_type="application/json")
+
+    @app.delete("/v1/responses/{response_id}", dependencies=[Depends(authorize)])
+    async def delete_response(response_id: str):
+        store.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    # Anthropic's Messages API: the body becomes a chat request, run as chat runs it.
+    @app.post("/v1/messages", dependencies=[Depends(authorize)])
+    async def messages(body: MessagesRequest, request: Request):
+        chat = chat_request(body)
+        info = await router.check(body.model)
+        gen = MessagesGeneration(router, body, chat, info.name, request.state.record)
+        return await respond(request, gen, MessagesResponder(body, chat, info.name, gen), bool(body.stream))
+
+    @app.post("/v1/messages/count_tokens", dependencies=[Depends(authorize)])
+    async def count_message_tokens(body: CountTokensRequest, request: Request):
+        chat = chat_request(body)
+        info = await router.check(body.model)
+        gen = MessagesGeneration(router, body, chat, info.name, request.state.record)
+        return await respond(request, gen, TokenCounter(gen), False)
+
     add_embeddings_route(app, router, dependencies=[Depends(authorize)], max_queue=settings.max_queue, metrics=metrics)
 
     return app
@@ -128,7 +168,8 @@ async def respond(request: Request, gen: Generation, responder, stream: bool):
         await until_disconnect(request, gen.start())
         if not stream:
             result = await until_disconnect(request, responder.full())
-            return JSONResponse(result.model_dump(mode="json", exclude_unset=True))
+            # by alias: the wire names (Responses' text.format.schema is `schema_` in the openai types)
+            return JSONResponse(result.model_dump(mode="json", by_alias=True, exclude_unset=True))
     except ClientDisconnected:  # nobody to answer: stop the generation; the access log says so
         gen.cancel()
         return Response(status_code=CLIENT_CLOSED)
@@ -139,7 +180,7 @@ async def respond(request: Request, gen: Generation, responder, stream: bool):
     async def events():
         try:
             async for data in responder.stream():
-                yield {"data": data}
+                yield data if isinstance(data, dict) else {"data": data}  # a dict: an SSE event with its name
         except APIError as e:  # the stream already started: report in-band, as OpenAI does
             yield {"data": json.dumps(e.body())}
         finally:

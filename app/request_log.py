@@ -27,7 +27,8 @@ log = logging.getLogger("app.access")
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the answer
 _USABLE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # safe to echo in a header and a log line
 # Endpoint labels are route templates, never raw paths: a scanner cannot blow up the label set.
-_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/messages",
+              "/v1/messages/count_tokens", "/health", "/metrics")
 
 
 def endpoint_label(path: str) -> str:

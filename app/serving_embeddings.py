@@ -18,27 +18,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from openai.types import CreateEmbeddingResponse, Embedding
 from openai.types.create_embedding_response import Usage
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from app.errors import InvalidRequest, TooManyRequests
 from app.generation import ClientDisconnected, until_disconnect
 from app.request_log import CLIENT_CLOSED
+from app.schemas import Body, TokenId, integer
 from common.protocol import EmbedRequest, EmbedResponse
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EmbeddingRequest(Body):
+    """Types strict, as the other bodies' (a token is an integer, never `true`)."""
 
     model: str = Field(description="the id /v1/models lists")
-    input: str | list[str] | list[int] | list[list[int]] = Field(
+    input: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="a string, a list of strings, a token array or a list of token arrays (at most 2048 inputs)"
     )
     encoding_format: Literal["float", "base64"] | None = Field(
         "float", description="'float' lists, or 'base64' of little-endian float32 bytes"
     )
-    dimensions: int | None = Field(None, ge=1, description="accepted only when it equals the model's embedding size")
+    dimensions: integer(ge=1, description="accepted only when it equals the model's embedding size") | None = None
     user: str | None = None
 
 

@@ -413,5 +413,6 @@ class Engine:
 
 def _typical_applies(p) -> bool:
     # Typical acceptance judges a draft token by the temperature-scaled distribution alone, so it
-    # applies only where the sampler chain is nothing more (no bias, top-p or penalties).
-    return p.temperature > 0 and not p.logit_bias and p.top_p >= 1.0 and not (p.presence_penalty or p.frequency_penalty)
+    # applies only where the sampler chain is nothing more (no bias, top-k, top-p or penalties).
+    return (p.temperature > 0 and not p.logit_bias and not p.top_k and p.top_p >= 1.0
+            and not (p.presence_penalty or p.frequency_penalty))

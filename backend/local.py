@@ -26,6 +26,7 @@ class ChoiceResult:
     deltas: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    stop_sequence: str | None = None
     token_times: list[float] = field(default_factory=list)  # perf_counter() at each delta with tokens
 
 
@@ -73,4 +74,5 @@ def run_requests(service: ModelService, reqs: list[GenerationRequest], timeout_s
                 elif isinstance(ev, DoneEvent):
                     choice.finish_reason = ev.finish_reason
                     choice.completion_tokens = ev.completion_tokens
+                    choice.stop_sequence = ev.stop_sequence
     return results

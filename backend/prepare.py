@@ -115,6 +115,7 @@ def _prepare(
         sampling=SamplingParams(
             temperature=req.temperature,
             top_p=req.top_p,
+            top_k=req.top_k,
             seed=req.seed,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,

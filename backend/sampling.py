@@ -2,7 +2,7 @@
 
 Plain greedy decoding (temperature 0, no penalties, no bias) takes an argmax over a zero-copy view of
 the logits, which is the hot path of the benchmark; everything else goes through a llama.cpp sampler
-chain (logit bias -> penalties -> temperature -> top-p -> seeded dist), so per-token Python stays small.
+chain (logit bias -> penalties -> top-k -> temperature -> top-p -> seeded dist), so per-token Python stays small.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: every token
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -61,7 +62,10 @@ class Sampler:
         if params.temperature == 0.0:
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
         else:
-            # Temperature before top-p, as OpenAI and vLLM apply them.
+            # Top-k (by rank: the same before or after temperature), then temperature before top-p, as
+            # OpenAI and vLLM apply them.
+            if params.top_k > 0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(params.top_k))
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))
             if params.top_p < 1.0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))

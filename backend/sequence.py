@@ -128,7 +128,8 @@ class Sequence:
                 events.append(DeltaEvent(id=self.request.id, index=self.index, text=tail, token_ids=[]))
         self.finished = True
         self.sampler.close()
-        events.append(DoneEvent(id=self.request.id, index=self.index, finish_reason=reason, completion_tokens=self.generated))
+        events.append(DoneEvent(id=self.request.id, index=self.index, finish_reason=reason, completion_tokens=self.generated,
+                                stop_sequence=self.text.matched if reason == "stop" else None))
         return events
 
 

@@ -11,6 +11,7 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = [s for s in stops if s]
         self._held = ""  # decoded text not released yet: it may be the start of a stop string
+        self.matched: str | None = None  # the stop string that ended the stream
 
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Add one token's bytes. Returns (text that may be released now, whether a stop string hit).
@@ -19,8 +20,10 @@ class TextStream:
         if not self._stops:
             out, self._held = self._held, ""
             return out, False
-        cut = min((i for i in (self._held.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        hits = [(i, k) for k, i in enumerate(self._held.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            cut, k = min(hits)  # the earliest in the text; of two there, the first listed
+            self.matched = self._stops[k]
             out, self._held = self._held[:cut], ""
             return out, True
         keep = self._longest_stop_prefix_suffix()

@@ -23,7 +23,7 @@ first to last token, summed over requests), aggregate tokens/s, time to first to
 one stream; whether our speculative configs gave the plain config's text for every prompt; and each
 source's acceptance per category (from the model server's /stats), which with a 7B-shaped Q8_0
 GGUF's measured decode costs (bench.medusa) gives the projected speedup of a 7B model at 1, 2 and 4
-streams (backend/draft_plan.choose over the measured acceptance).
+streams (backend/spec/draft_plan.choose over the measured acceptance).
 """
 
 from __future__ import annotations
@@ -82,11 +82,9 @@ def rendered(model_path: Path) -> list[dict]:
 
 
 # --- the client ------------------------------------------------------------------------------------
-async def one(client: httpx.AsyncClient, model: str, p: dict, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": p["prompt"], "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if p["stop"]:
-        body["stop"] = p["stop"]
+async def streamed_completion(client: httpx.AsyncClient, body: dict) -> dict:
+    """One streamed /v1/completions request: its text, completion tokens, time to first token, and the
+    time from its first token to its last."""
     t0 = time.perf_counter()
     stamps, text, tokens = [], [], None
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -102,8 +100,16 @@ async def one(client: httpx.AsyncClient, model: str, p: dict, max_tokens: int) -
                 if c.get("text"):
                     stamps.append(time.perf_counter())
                     text.append(c["text"])
-    return {"id": p["id"], "category": p["category"], "text": "".join(text), "tokens": tokens or len(stamps),
-            "ttft_s": stamps[0] - t0 if stamps else None, "decode_s": stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0}
+    return {"text": "".join(text), "tokens": tokens or len(stamps), "ttft_s": stamps[0] - t0 if stamps else None,
+            "decode_s": stamps[-1] - stamps[0] if len(stamps) > 1 else 0.0}
+
+
+async def one(client: httpx.AsyncClient, model: str, p: dict, max_tokens: int) -> dict:
+    body = {"model": model, "prompt": p["prompt"], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if p["stop"]:
+        body["stop"] = p["stop"]
+    return {"id": p["id"], "category": p["category"], **await streamed_completion(client, body)}
 
 
 async def level(base: str, model: str, items: list[dict], streams: int, max_tokens: int) -> dict:

@@ -69,6 +69,7 @@ class GenerationRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=0, description="None: up to the context size")
     temperature: float = Field(1.0, ge=0.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens only (Anthropic's top_k); 0: all")
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -126,6 +127,8 @@ class DoneEvent(BaseModel):
     index: int
     finish_reason: FinishReason
     completion_tokens: int
+    stop_sequence: str | None = Field(None, description="the stop string that ended the choice (a chat template's "
+                                      "included), for Anthropic's stop_sequence")
 
 
 class ErrorEvent(BaseModel):

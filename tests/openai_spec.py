@@ -106,3 +106,14 @@ def describe(schema_name: str, error: tuple[tuple, str]) -> str:
 def problems(schema_name: str, instance) -> list[str]:
     """Every way `instance` breaks the named schema as readable lines (empty when it conforms)."""
     return [describe(schema_name, e) for e in errors(schema_name, instance)]
+
+
+def member_for_type(union_name: str, type_value: str) -> str:
+    """The member of a union of event schemas (e.g. ResponseStreamEvent) whose `type` is `type_value`, so that an
+    event is judged by its own schema (a failed anyOf names no reason)."""
+    spec = _registry_and_spec()[1]["components"]["schemas"]
+    for member in spec[union_name]["anyOf"]:
+        name = member["$ref"].rsplit("/", 1)[1]
+        if type_value in spec[name].get("properties", {}).get("type", {}).get("enum", []):
+            return name
+    raise KeyError(f"no member of {union_name} has type {type_value!r}")

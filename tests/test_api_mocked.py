@@ -117,6 +117,19 @@ def sse_events(body: str) -> list[str]:
     return out
 
 
+def named_sse_events(body: str) -> list[dict]:
+    """Strict SSE parsing of named events (Responses, Anthropic Messages): each block is `event: <type>`
+    then `data: <json>` whose `type` is that name."""
+    out = []
+    for block in filter(str.strip, body.split("\n\n")):
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
+        event = json.loads(lines[1][len("data: "):])
+        assert event["type"] == lines[0][len("event: "):], block
+        out.append(event)
+    return out
+
+
 async def test_models_lists_the_backend_model(api):
     r = await api.get("/v1/models")
     assert r.status_code == 200

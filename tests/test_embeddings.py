@@ -299,6 +299,9 @@ def test_http_float_and_base64(live_stack):
     ({"input": ["ok", ""]}, 400, "input", None),
     ({"input": [[2, 99999999]]}, 400, "input", None),
     ({"input": ["ok", 5]}, 400, "input", None),
+    ({"input": [True, True]}, 400, "input", None),  # strict types: a boolean is not a token id
+    ({"input": [[2, -1]]}, 400, "input", None),
+    ({"dimensions": True}, 400, "dimensions", None),
     ({"input": ["ok", "\ud800"]}, 400, "input", None),
     ({"input": "word " * 600}, 400, "input", "context_length_exceeded"),
     ({"dimensions": 3}, 400, "dimensions", None),

@@ -164,9 +164,18 @@ def test_stop_string_is_never_emitted(model_service):
     assert "".join(free.deltas) == free.text  # a boundary between deltas is one between tokens
     stop = spanning_stop(free.deltas)
     stopped = one(model_service, max_tokens=30, stop=[stop]).choices[0]
-    assert stopped.finish_reason == "stop"
+    assert stopped.finish_reason == "stop" and stopped.stop_sequence == stop
+    assert free.stop_sequence is None
     assert stopped.text == free.text[: free.text.index(stop)]
     assert all(stop not in d for d in stopped.deltas)
+
+
+def test_top_k_one_samples_the_argmax_and_top_k_keeps_seeds_reproducible(model_service):
+    greedy = one(model_service, max_tokens=12).choices[0].token_ids
+    assert one(model_service, max_tokens=12, temperature=1.5, seed=3, top_k=1).choices[0].token_ids == greedy
+    a = one(model_service, max_tokens=12, temperature=1.5, seed=3, top_k=5).choices[0].token_ids
+    assert a == one(model_service, max_tokens=12, temperature=1.5, seed=3, top_k=5).choices[0].token_ids
+    assert a != one(model_service, max_tokens=12, temperature=1.5, seed=3).choices[0].token_ids  # top-k applied
 
 
 def test_max_tokens_and_zero(model_service):

@@ -19,6 +19,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from app.errors import is_anthropic_path
+from tests.test_api_mocked import named_sse_events
+
 MAX_TOKENS = 3  # cap on max_tokens / max_completion_tokens of every generated request
 EXAMPLES = 100  # per operation and mode in the fuzzing phase (the coverage phase adds its boundary cases)
 
@@ -51,7 +54,7 @@ def bounded(case, model: str) -> None:
         return
     if isinstance(body.get("model"), str):
         body["model"] = model
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[key] = MAX_TOKENS
@@ -59,6 +62,8 @@ def bounded(case, model: str) -> None:
         body["max_tokens"] = MAX_TOKENS  # completions default to 16; null runs to the context's end
     if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_completion_tokens"] = MAX_TOKENS  # chat without a limit runs to the context's end
+    if "input" in body and case.path == "/v1/responses" and body.get("max_output_tokens") is None:
+        body["max_output_tokens"] = MAX_TOKENS
 
 
 def _is_envelope(obj) -> bool:
@@ -71,8 +76,20 @@ def _is_envelope(obj) -> bool:
     )
 
 
+# Streams of named events (`event: <type>`), by path: the event types one of which ends them.
+NAMED_STREAMS = {"/v1/responses": {"response.completed", "response.incomplete", "response.failed"},
+                 "/v1/messages": {"message_stop", "error"}}
+
+
+def _is_anthropic_envelope(obj) -> bool:
+    err = obj.get("error") if isinstance(obj, dict) else None
+    return (obj.get("type") == "error" and isinstance(err, dict) and set(err) == {"type", "message"}
+            and isinstance(err["type"], str) and isinstance(err["message"], str) and bool(err["message"]))
+
+
 def openai_error_envelope(ctx, response, case):
-    """Every error, as an HTTP status or in-band in a stream, is OpenAI's envelope; every stream ends in [DONE]."""
+    """Every error, as an HTTP status or in-band in a stream, is OpenAI's envelope; every stream ends in [DONE]
+    (a stream of named events, in its final event). The Messages API's routes answer Anthropic's envelope."""
     content_type = response.headers.get("content-type", [""])
     content_type = content_type[0] if isinstance(content_type, list) else content_type
     if response.status_code >= 400:
@@ -80,7 +97,14 @@ def openai_error_envelope(ctx, response, case):
             body = json.loads(response.content)
         except ValueError:
             raise AssertionError(f"{response.status_code} with a body that is not JSON: {response.content[:300]!r}")
-        assert _is_envelope(body), f"{response.status_code} without OpenAI's error envelope: {body}"
+        envelope = _is_anthropic_envelope if is_anthropic_path(case.path) else _is_envelope
+        assert envelope(body), f"{response.status_code} without its error envelope: {body}"
+    elif content_type.startswith("text/event-stream") and case.path in NAMED_STREAMS:
+        assert not getattr(response, "stream_cut_short", False), "the stream did not end"
+        events = named_sse_events(response.content.decode("utf-8"))
+        assert events and events[-1]["type"] in NAMED_STREAMS[case.path], f"a stream that does not end: {events[-1:]}"
+        error = events[-1] if events[-1]["type"] == "error" else None
+        assert error is None or _is_anthropic_envelope(error), f"an error event without the envelope: {error}"
     elif content_type.startswith("text/event-stream"):
         assert not getattr(response, "stream_cut_short", False), "the stream did not end"
         text = response.content.decode("utf-8")
@@ -110,7 +134,8 @@ def test_openapi_schema_fuzz(case, live_stack):
     response = case.call(base_url=live_stack.base_url, timeout=120)
     case.validate_response(response, checks=CHECKS)
     body = case.body
-    if response.status_code == 200 and case.path.endswith("completions") and body.get("stream") is not True:
+    streams = case.path.endswith(("completions", "/v1/messages"))
+    if response.status_code == 200 and streams and body.get("stream") is not True:
         # Generated bodies seldom ask for a stream: each accepted one is sent again, streamed.
         body["stream"] = True
         case.validate_response(case.call(base_url=live_stack.base_url, timeout=120), checks=CHECKS)

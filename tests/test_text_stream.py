@@ -40,8 +40,12 @@ def test_held_prefix_is_released_when_it_stops_matching():
 
 
 def test_earliest_of_several_stops_wins():
-    out, stopped = feed(TextStream(["b", "cd"]), [b"a cd b"])
-    assert stopped and "".join(out) == "a "
+    stream = TextStream(["b", "cd"])
+    out, stopped = feed(stream, [b"a cd b"])
+    assert stopped and "".join(out) == "a " and stream.matched == "cd"  # which one ended it
+    stream = TextStream(["xy", "x"])
+    assert feed(stream, [b"axyz"])[1] and stream.matched == "xy"  # at one place: the first listed
+    assert TextStream(["q"]).matched is None
 
 
 def test_stop_inside_multibyte_text():
