@@ -75,6 +75,13 @@ class BackendSettings(BaseSettings):
         "cell, as llama-server does: faster next turns, greedy output may differ), 'off'; default: 'exact', "
         "'fast' under EXACTNESS=fast",
     )
+    parked_seqs: int = Field(
+        -1, ge=-1, le=240,
+        description="KV streams past N_PARALLEL that hold idle conversations whole, copied out of a slot a new "
+        "prompt needs and back when the conversation returns (exact at any length; each costs a full "
+        "stream of CTX_SIZE cells of memory); -1: 3 x N_PARALLEL + 1 on models with sliding-window layers (whose "
+        "saved states restore exactly only within the window), else 0; 0: none",
+    )
     prompt_cache_ram_mb: int = Field(
         2048, ge=0, description="host memory for saved prompt states behind the slots (0: no RAM tier)"
     )

@@ -41,6 +41,9 @@ class ContextConfig:
     n_gpu_layers: int = 0  # -1: every layer when llama.cpp can offload, else 0
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()  # proportions per GPU; empty: llama.cpp's choice
+    # Sequences past n_parallel that only hold idle conversations' cells (backend/slots.py, parked
+    # streams); -1: 3 x n_parallel on a model with sliding-window layers, else none.
+    n_parked: int = 0
 
 
 def offload_layers(requested: int, can_offload: bool, n_gpus: int, main_gpu: int, tensor_split: tuple[float, ...]) -> int:
@@ -95,10 +98,17 @@ class LlamaModel:
         # One KV stream per sequence (kv_unified off): a sequence's cells then lie in position order
         # whatever other sequences do, so its attention, and its greedy output, is exactly what it
         # would be alone; and no query attends over other sequences' masked cells.
-        cparams.n_ctx = self.n_ctx_per_seq * cfg.n_parallel
+        # Parked streams: a saved state of a sliding-window model restores differently from a cold
+        # prefill past the window (llama.cpp saves only the window's cells), but a stream copied whole
+        # (llama_memory_seq_cp across streams copies the buffer, cell for cell) keeps every logit.
+        n_swa = llama.llama_model_n_swa(self.model)
+        # The default holds 3 conversations per slot, plus the one stream a swap needs: a conversation
+        # copied back into a slot whose own cells are parked first, while every stream is full.
+        self.n_parked = (3 * cfg.n_parallel + 1 if n_swa > 0 else 0) if cfg.n_parked < 0 else cfg.n_parked
+        cparams.n_ctx = self.n_ctx_per_seq * (cfg.n_parallel + self.n_parked)
         cparams.n_batch = cfg.n_batch
         cparams.n_ubatch = cfg.n_batch
-        cparams.n_seq_max = cfg.n_parallel
+        cparams.n_seq_max = cfg.n_parallel + self.n_parked
         cparams.kv_unified = False
         if cfg.embeddings:
             # Post-norm hidden state per output token (pooling NONE), next to the logits.
@@ -113,15 +123,19 @@ class LlamaModel:
             where = "GPU memory for the KV cache? lower CTX_SIZE, N_PARALLEL or N_GPU_LAYERS" if self.n_gpu_layers else "memory?"
             raise RuntimeError(f"llama.cpp could not create a context (out of {where})")
         self.memory = llama.llama_get_memory(self.ctx)
+        # Cross-stream copies llama.cpp runs at the next decode: the sequences they write, and read.
+        self._copies_pending: set[int] = set()
+        self._copy_sources: set[int] = set()
         self.n_seq_max = cparams.n_seq_max
         # KV cells per sequence: n_ctx_per_seq rounded up to 256 by llama.cpp.
         self.n_cells = llama.llama_n_ctx_seq(self.ctx)
         # A memory with recurrent state cannot take a throwaway row and drop it again.
         self.attention_only = not (llama.llama_model_is_recurrent(self.model) or llama.llama_model_is_hybrid(self.model))
         self.n_embd = llama.llama_model_n_embd(self.model)
-        # Sliding-window attention layers (Gemma 3: 512): their cache keeps only the window's cells
-        # in a saved state, so a restored state past the window lays its cells out differently.
-        self.n_swa = llama.llama_model_n_swa(self.model)
+        # Sliding-window attention layers (Gemma 3: 512): a saved state keeps only the window's cells
+        # (llama_kv_cache::state_write drops the masked ones), and one restored past the window gives
+        # other logits than a cold prefill; parked streams keep them instead.
+        self.n_swa = n_swa
         self.embeddings = cfg.embeddings
         self.batch = llama.llama_batch_init(cfg.n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -217,6 +231,9 @@ class LlamaModel:
         return self.logits(len(tokens) - 1)
 
     def decode(self) -> int:
+        # llama_decode applies pending stream copies before anything else
+        self._copies_pending.clear()
+        self._copy_sources.clear()
         return llama.llama_decode(self.ctx, self.batch)
 
     def logits(self, i: int) -> np.ndarray:
@@ -241,6 +258,8 @@ class LlamaModel:
 
     def state_save(self, seq_id: int) -> np.ndarray:
         """A copy of one sequence's cells (llama_state_seq_get_data): ~2 ms a thousand tokens here."""
+        if seq_id in self._copies_pending:
+            raise RuntimeError(f"sequence {seq_id} awaits a stream copy (done at the next decode); saving it now would read stale cells")
         size = llama.llama_state_seq_get_size(self.ctx, seq_id)
         buf = np.empty(size, np.uint8)  # not zero-filled, unlike a ctypes array
         got = llama.llama_state_seq_get_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id)
@@ -250,6 +269,14 @@ class LlamaModel:
 
     def state_restore(self, buf: np.ndarray, seq_id: int) -> bool:
         """Put saved cells into a sequence (whose own cells are dropped first)."""
+        if seq_id in self._copy_sources or seq_id in self._copies_pending:
+            # A restore writes the stream's buffer now, before a pending copy of that stream would read
+            # it (or write it): one throwaway token decoded in it (dropped below) runs the copies first.
+            self.seq_rm(seq_id)
+            self.batch_clear()
+            self.batch_add(0, 0, seq_id, False)
+            if self.decode() != 0:
+                raise RuntimeError("llama_decode failed while running pending stream copies")
         self.seq_rm(seq_id)
         read = llama.llama_state_seq_set_data(self.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), buf.size, seq_id)
         if read != buf.size:
@@ -261,7 +288,15 @@ class LlamaModel:
         return llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
 
     def seq_cp(self, src: int, dst: int) -> None:
+        """Copy a sequence whole into another. Across streams (every sequence here is one) llama.cpp
+        copies the stream's buffer, cell for cell, at the start of the next llama_decode; the cells'
+        positions and tokens are there at once. Copies run in the order they were made."""
         llama.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+        self._copies_pending.add(dst)
+        self._copy_sources.add(src)
+
+    def copy_pending(self, seq_id: int) -> bool:
+        return seq_id in self._copies_pending
 
     def __enter__(self) -> "LlamaModel":
         return self

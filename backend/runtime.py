@@ -121,6 +121,7 @@ class ModelService:
                     s.ctx_size, s.n_parallel, s.threads, s.batch_size, s.extra_buffers,
                     embeddings=heads_path(s.medusa_heads, path) is not None,
                     n_gpu_layers=s.n_gpu_layers, main_gpu=s.main_gpu, tensor_split=s.tensor_split_values(),
+                    n_parked=0 if s.prompt_cache == "off" else s.parked_seqs,
                 ),
             )
             self.limit = verify_limit(model, s.exactness)
@@ -150,8 +151,8 @@ class ModelService:
                 created=int(time.time()),
             )
             self.model = model
-            log.info("ready: %s (n_ctx %d per request, %d parallel) on %s", self.info.name, model.n_ctx_per_seq,
-                     model.n_parallel, describe_devices(list_devices(), model.n_gpu_layers))
+            log.info("ready: %s (n_ctx %d per request, %d parallel, %d parked) on %s", self.info.name, model.n_ctx_per_seq,
+                     model.n_parallel, model.n_parked, describe_devices(list_devices(), model.n_gpu_layers))
         except Exception as e:  # reported by /health; the process stays up to say why
             log.exception("model failed to load")
             self.error = f"{type(e).__name__}: {e}"

@@ -3,7 +3,10 @@
 A slot is one llama.cpp sequence id, i.e. one KV stream (README, "The engine"). When a request ends,
 its slot keeps its cells and the tokens they hold; the next request takes the free slot that lets it
 reuse the most, drops the cells past the reusable part and prefills only the rest. Slots whose cells
-would be dropped can be saved first into the RAM tier (backend/ram_tier.py) and restored later.
+would be dropped are first copied whole into a parked stream (a sequence past N_PARALLEL that is never
+decoded: PARKED_SEQS) and copied back when their conversation returns, cell for cell, so a restored
+conversation's logits are a cold prefill's at any length; what parked streams cannot hold is saved
+into the RAM tier (backend/ram_tier.py) and restored later.
 
 Which cells are reusable is the exactness rule (backend/decode_plan.py): in `exact` mode only tiled
 cells (written by prompt chunks of >= 64 rows), the ones a cold prefill computes identically, so a
@@ -70,6 +73,8 @@ class SlotManager:
         self.mode = mode
         self.chunk = chunk
         self.slots = [Slot(i) for i in range(model.n_parallel)]
+        n = model.n_parallel
+        self.parked = [Slot(i) for i in range(n, n + model.n_parked)] if mode != "off" else []
         self.ram = RamTier(ram_bytes) if mode != "off" and ram_bytes > 0 else None
         self._clock = 0
         self.report = PromptCacheReport(mode=mode, ram_capacity_bytes=ram_bytes if self.ram is not None else 0)
@@ -100,7 +105,17 @@ class SlotManager:
         if use and self.ram is not None:
             self.ram.lookups += 1
             ram_key, ram_shared = self.ram.best(arr, self._restorable)
-        if ram_key is not None and plan(ram_shared)[0] > reuse_of[main.seq_id]:
+        held = [p for p in self.parked if p.tokens] if use else []
+        parked = max(held, key=lambda p: (self._shared(p, arr), p.last_used), default=None)
+        park_reuse = plan(self._shared(parked, arr))[0] if parked is not None else 0
+        if park_reuse > reuse_of[main.seq_id] and park_reuse >= plan(ram_shared)[0]:
+            # Copy the parked stream into a slot picked as for a miss; that slot's own cells are parked first.
+            main = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in free], busy)]
+            parked.busy = True  # not a place to park them in
+            self._evict(main, keep=0)
+            parked.busy = False
+            self._unpark(parked, main)
+        elif ram_key is not None and plan(ram_shared)[0] > reuse_of[main.seq_id]:
             # Restore into a slot picked as for a miss; its own cells go to the RAM tier first.
             main = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in free], busy)]
             self._evict(main, keep=0)
@@ -148,21 +163,61 @@ class SlotManager:
         usable = slot.tiled if self.mode == "exact" else len(slot.tokens)
         return min(usable, common_prefix(np.asarray(slot.tokens[:usable], np.int32), prompt))
 
+    def _usable(self, slot: Slot) -> int:
+        return slot.tiled if self.mode == "exact" else len(slot.tokens)
+
     def _evict(self, slot: Slot, keep: int) -> None:
-        """Drop the slot's cells past `keep`, saving its reusable cells to the RAM tier first when
-        what goes is worth a prompt chunk and is not saved yet."""
-        usable = slot.tiled if self.mode == "exact" else len(slot.tokens)
-        usable = min(usable, self._restorable)
-        if self.ram is not None and usable - keep >= self.chunk:
-            tokens = np.asarray(slot.tokens[:usable], np.int32)
-            if not self.ram.covers(tokens):
-                self.model.seq_rm(slot.seq_id, usable, -1)
-                if self.ram.put(tokens, self.model.state_save(slot.seq_id)):
-                    self.report.ram_saves += 1
+        """Drop the slot's cells past `keep`, keeping its reusable cells first (in a parked stream, else
+        in the RAM tier) when what goes is worth a prompt chunk and is not kept yet."""
+        usable = self._usable(slot)
+        if usable - keep >= self.chunk:
+            if self.parked:
+                self._park(slot, usable, keep)
+            else:
+                self._to_ram(slot, keep)
         self.model.seq_rm(slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         slot.tiled = min(slot.tiled, keep)
         slot.pending = []
+
+    def _to_ram(self, slot: Slot, keep: int) -> None:
+        """Save the slot's reusable cells (as far as a restore gives them back exactly) to the RAM tier."""
+        usable = min(self._usable(slot), self._restorable)
+        # A stream that a pending copy is to write holds stale cells until the next decode.
+        if self.ram is None or usable - keep < self.chunk or self.model.copy_pending(slot.seq_id):
+            return
+        tokens = np.asarray(slot.tokens[:usable], np.int32)
+        if not self.ram.covers(tokens):
+            self.model.seq_rm(slot.seq_id, usable, -1)
+            if self.ram.put(tokens, self.model.state_save(slot.seq_id)):
+                self.report.ram_saves += 1
+
+    def _park(self, slot: Slot, usable: int, keep: int) -> None:
+        """Copy the slot's first `usable` cells whole into a parked stream: an empty one, else the least
+        recently used one, whose own cells go to the RAM tier first."""
+        tokens = slot.tokens[:usable]
+        if any(len(p.tokens) >= usable and p.tokens[:usable] == tokens for p in self.parked):
+            return  # parked already (a conversation taken back out and not extended since)
+        places = [p for p in self.parked if not p.busy]
+        if not places:
+            self._to_ram(slot, keep)
+            return
+        target = min(places, key=lambda p: (bool(p.tokens), p.last_used))  # an empty one first
+        if target.tokens:
+            self._to_ram(target, 0)
+        self.model.seq_cp(slot.seq_id, target.seq_id)
+        self.model.seq_rm(target.seq_id, usable, -1)
+        target.tokens, target.last_used = list(tokens), slot.last_used
+        target.tiled = usable if self.mode == "exact" else 0
+        self.report.parked_saves += 1
+
+    def _unpark(self, parked: Slot, slot: Slot) -> None:
+        """A parked conversation back into a slot (whose cells are gone): the stream copied whole."""
+        self.model.seq_cp(parked.seq_id, slot.seq_id)
+        slot.tokens, slot.tiled, slot.pending = list(parked.tokens), parked.tiled, []
+        self.model.seq_rm(parked.seq_id)  # its buffer is read by the copy, which runs before any write
+        parked.tokens, parked.tiled = [], 0
+        self.report.parked_restores += 1
 
     # --- while a request runs ---------------------------------------------------------------------
     def prefilled(self, slot: Slot, tokens: list[int], start: int, end: int) -> None:
@@ -221,6 +276,7 @@ class SlotManager:
 
     def stats(self) -> PromptCacheReport:
         r = self.report
+        r.parked_seqs, r.parked_entries = len(self.parked), sum(bool(p.tokens) for p in self.parked)
         if self.ram is not None:
             r.ram_entries, r.ram_bytes, r.ram_restores = len(self.ram), self.ram.bytes, self.ram.restores
             r.ram_hit_rate = round(self.ram.restores / self.ram.lookups, 4) if self.ram.lookups else None

@@ -513,10 +513,10 @@ def markdown(report: dict) -> str:
           for sc, r in t["scenarios"].items() if r.get("server_prompt_cache")]
     if pc:
         lines += ["", "Model server /stats prompt_cache during each scenario (counters are differences):", "",
-                  "| server | scenario | mode | queries | hits | tokens reused | tokens prefilled | RAM restores |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| server | scenario | mode | queries | hits | tokens reused | tokens prefilled | parked restores | RAM restores |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {label} | {sc} | {p.get('mode')} | {p.get('queries')} | {p.get('hits')} | {p.get('tokens_reused')} | "
-                  f"{p.get('tokens_prefilled')} | {p.get('ram_restores')} |" for label, sc, p in pc]
+                  f"{p.get('tokens_prefilled')} | {p.get('parked_restores', 0)} | {p.get('ram_restores')} |" for label, sc, p in pc]
     lines += [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 

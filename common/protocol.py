@@ -215,6 +215,10 @@ class PromptCacheReport(BaseModel):
     ram_restores: int = Field(0, description="prompts served by restoring a RAM-tier state")
     ram_hit_rate: float | None = Field(None, description="restores / RAM-tier lookups that could have paid")
     canonicalized_tokens: int = Field(0, description="kept tokens re-prefilled while idle so a next turn can reuse them")
+    parked_seqs: int = Field(0, description="parked streams: sequences that hold idle conversations' cells, copied whole")
+    parked_entries: int = Field(0, description="parked streams holding a conversation now")
+    parked_saves: int = 0
+    parked_restores: int = Field(0, description="prompts served by copying a parked stream back into a slot")
 
 
 class GrammarReport(BaseModel):

@@ -173,25 +173,49 @@ def test_concurrent_conversations_and_n_choices_are_exact(model_service, cold_se
         assert run_requests(cold_service, [single])[single.id].choices[0].token_ids == warm.choices[i].token_ids
 
 
-def test_ram_tier_serves_sixteen_conversations_over_four_slots(model_service, cold_service):
-    """16 conversations rotating over 4 slots: each one's next turn finds its cells in the RAM tier,
-    and gives what a fresh server gives. (~350-token prompts: on Gemma 3 exact mode restores states
-    within its 512-position sliding window only, backend/slots.py.)"""
-    systems = [f"Record {i}: " + LONG_PROMPTS[i % 2][i * 7:i * 7 + 1500] for i in range(16)]
-    firsts = {}
-    for i, s in enumerate(systems):
-        _, res = _turn(model_service, _conversation(s, 0, []))
-        firsts[i] = res.choices[0].text
-    before = model_service.engine.slots.stats()
+def _rotate(service, cold_service, systems: list[str]) -> list:
+    """Each conversation's first turn, then each one's second turn, checked against a fresh server."""
+    firsts = {i: _turn(service, _conversation(s, 0, []))[1].choices[0].text for i, s in enumerate(systems)}
+    seconds = []
     for i, s in enumerate(systems):
         prompt = _conversation(s, 1, [firsts[i]])
-        _, warm = _turn(model_service, prompt)
+        _, warm = _turn(service, prompt)
         _, cold = _turn(cold_service, prompt)
         _same(warm, cold)
-        assert warm.prompt.cached_tokens >= 256, (i, warm.prompt)
+        seconds.append(warm.prompt)
+    return seconds
+
+
+def test_parked_streams_serve_sixteen_long_conversations_over_four_slots_exactly(model_service, cold_service):
+    """16 conversations rotating over 4 slots, each prompt past Gemma 3's 512-position sliding window:
+    the conversations wait in parked streams (PARKED_SEQS, 3 x 4 + 1 here), copied whole, and each next turn
+    reuses its whole first turn and gives, token id and logprob, what a fresh server gives."""
+    text = LONG_PROMPTS[0] + LONG_PROMPTS[1]
+    systems = [f"Record {i}: " + text[i * 7:i * 7 + 3000] for i in range(16)]
+    assert model_service.model.n_parked == 13 and model_service.model.n_swa == 512
+    before = model_service.engine.slots.stats()
+    seconds = _rotate(model_service, cold_service, systems)
     after = model_service.engine.slots.stats()
-    assert after.ram_restores - before.ram_restores >= 12  # at most 4 of 16 still sat in a slot
-    assert after.ram_bytes <= after.ram_capacity_bytes
+    for i, p in enumerate(seconds):
+        assert p.prompt_tokens > 600 and p.cached_tokens >= 512, (i, p)
+    assert after.parked_restores - before.parked_restores >= 12  # at most 4 of 16 still sat in a slot
+    assert after.parked_seqs == 13
+
+
+def test_past_the_parked_streams_the_ram_tier_restores_within_the_window(model_service):
+    """With fewer parked streams than idle conversations, the least recently parked go to the RAM tier,
+    whose restores are exact within the sliding window (~350-token prompts here); each next turn gives
+    what a fresh server gives. (Each restore first parks the slot it lands in: the copy out of that
+    slot runs before the restore writes it, backend/llama_model.py.)"""
+    with ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=2, threads=2,
+                                      medusa_heads="none", prompt_lookup="off", parked_seqs=2)) as service, \
+         ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=2, threads=2,
+                                      medusa_heads="none", prompt_cache="off")) as cold:
+        systems = [f"Record {i}: " + LONG_PROMPTS[i % 2][i * 7:i * 7 + 1500] for i in range(8)]
+        seconds = _rotate(service, cold, systems)
+        stats = service.engine.slots.stats()
+    assert all(p.cached_tokens >= 256 for p in seconds), seconds
+    assert stats.parked_saves >= 6 and stats.ram_restores >= 6 and stats.ram_bytes <= stats.ram_capacity_bytes
 
 
 def test_fast_mode_reuses_every_cell(model_service):
