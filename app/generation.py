@@ -140,6 +140,12 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before its answer was ready."""
 
 
+def named_sse(event) -> dict:
+    """One typed stream event as a named SSE message (Responses and Messages streams name their events;
+    chat completions' do not). Only the fields the event was built with are sent, under their wire names."""
+    return {"event": event.type, "data": event.model_dump_json(by_alias=True, exclude_unset=True)}
+
+
 async def until_disconnect(request: Request, work: asyncio.Future):
     """Await `work`, cancelling it if the HTTP client disconnects first (non-streaming requests)."""
     task = asyncio.ensure_future(work)

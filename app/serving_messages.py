@@ -34,7 +34,7 @@ from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionChunk
 
 from app.errors import APIError, InvalidRequest, Unsupported, anthropic_error
-from app.generation import Generation, new_request_id
+from app.generation import Generation, named_sse, new_request_id
 from app.messages_schemas import (
     CountTokensRequest,
     CustomToolIn,
@@ -193,10 +193,6 @@ def _tool_use_id(chat_call_id: str) -> str:
     return "toolu_" + chat_call_id.removeprefix("call_")
 
 
-def _event(ev) -> dict:
-    return {"event": ev.type, "data": ev.model_dump_json(exclude_unset=True)}
-
-
 class MessagesResponder:
     def __init__(self, body: MessagesRequest, chat: ChatCompletionRequest, model: str, gen: MessagesGeneration):
         self.body = body
@@ -234,7 +230,7 @@ class MessagesResponder:
         """Anthropic's event sequence: message_start, a ping, each block's start, deltas and stop (text as it
         comes; a tool call whole, its input as one input_json_delta), message_delta, message_stop. An error
         once the stream has started is an `error` event, as Anthropic sends it."""
-        yield _event(RawMessageStartEvent(type="message_start", message=self._message([], self.gen.usage(0), final=False)))
+        yield named_sse(RawMessageStartEvent(type="message_start", message=self._message([], self.gen.usage(0), final=False)))
         yield {"event": "ping", "data": json.dumps({"type": "ping"})}
         index, text_open, finish, usage = 0, False, None, self.gen.usage(0)
         try:
@@ -247,30 +243,30 @@ class MessagesResponder:
                     finish = choice.finish_reason or finish
                     if choice.delta.content:
                         if not text_open:
-                            yield _event(RawContentBlockStartEvent(type="content_block_start", index=index,
+                            yield named_sse(RawContentBlockStartEvent(type="content_block_start", index=index,
                                                                    content_block=TextBlock(type="text", text="")))
                             text_open = True
-                        yield _event(RawContentBlockDeltaEvent(type="content_block_delta", index=index,
+                        yield named_sse(RawContentBlockDeltaEvent(type="content_block_delta", index=index,
                                                                delta=TextDelta(type="text_delta", text=choice.delta.content)))
                     for call in choice.delta.tool_calls or []:
                         if text_open:
-                            yield _event(RawContentBlockStopEvent(type="content_block_stop", index=index))
+                            yield named_sse(RawContentBlockStopEvent(type="content_block_stop", index=index))
                             index, text_open = index + 1, False
                         block = ToolUseBlock(type="tool_use", id=_tool_use_id(call.id), name=call.function.name, input={})
-                        yield _event(RawContentBlockStartEvent(type="content_block_start", index=index, content_block=block))
-                        yield _event(RawContentBlockDeltaEvent(type="content_block_delta", index=index, delta=InputJSONDelta(
+                        yield named_sse(RawContentBlockStartEvent(type="content_block_start", index=index, content_block=block))
+                        yield named_sse(RawContentBlockDeltaEvent(type="content_block_delta", index=index, delta=InputJSONDelta(
                             type="input_json_delta", partial_json=call.function.arguments or "{}")))
-                        yield _event(RawContentBlockStopEvent(type="content_block_stop", index=index))
+                        yield named_sse(RawContentBlockStopEvent(type="content_block_stop", index=index))
                         index += 1
         except APIError as e:
             yield {"event": "error", "data": json.dumps(anthropic_error(e)[1])}
             return
         if text_open:
-            yield _event(RawContentBlockStopEvent(type="content_block_stop", index=index))
+            yield named_sse(RawContentBlockStopEvent(type="content_block_stop", index=index))
         reason, sequence = self._stop(finish)
-        yield _event(RawMessageDeltaEvent(type="message_delta", delta=Delta(stop_reason=reason, stop_sequence=sequence),
+        yield named_sse(RawMessageDeltaEvent(type="message_delta", delta=Delta(stop_reason=reason, stop_sequence=sequence),
                                           usage=_usage(usage, MessageDeltaUsage)))
-        yield _event(RawMessageStopEvent(type="message_stop"))
+        yield named_sse(RawMessageStopEvent(type="message_stop"))
 
 
 class TokenCounter:

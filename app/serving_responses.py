@@ -23,7 +23,7 @@ from openai.types.shared import ResponseFormatJSONObject, ResponseFormatText
 from pydantic import BaseModel, TypeAdapter
 
 from app.errors import APIError, ContextLengthExceeded, InvalidRequest, TooManyRequests
-from app.generation import Generation, new_request_id
+from app.generation import Generation, named_sse, new_request_id
 from app.replicas import Router
 from app.request_log import RequestRecord
 from app.responses_schemas import (
@@ -263,11 +263,11 @@ class ResponsesResponder:
         has begun is an `error` event, then `response.failed` with the output so far."""
         try:
             async for ev in self.events():
-                yield _sse(ev)
+                yield named_sse(ev)
         except APIError as e:
-            yield _sse(self._event(oai.ResponseErrorEvent, code=e.code or e.type, message=e.message, param=e.param))
+            yield named_sse(self._event(oai.ResponseErrorEvent, code=e.code or e.type, message=e.message, param=e.param))
             failed = self.response("failed", error=oai.ResponseError(code=_failure_code(e), message=e.message))
-            yield _sse(self._event(oai.ResponseFailedEvent, response=failed))
+            yield named_sse(self._event(oai.ResponseFailedEvent, response=failed))
 
     async def events(self) -> AsyncIterator[BaseModel]:
         """The stream's events, from response.created to response.completed (or .incomplete); the final
@@ -356,5 +356,3 @@ class ResponsesResponder:
         yield self._event(oai.ResponseOutputItemDoneEvent, output_index=index, item=item)
 
 
-def _sse(event: BaseModel) -> dict:
-    return {"event": event.type, "data": event.model_dump_json(by_alias=True, exclude_unset=True)}

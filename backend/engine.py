@@ -44,10 +44,14 @@ from common.protocol import DoneEvent, ErrorEvent, PromptEvent
 
 log = logging.getLogger("backend.engine")
 
-# Idle work (re-prefilling a finished conversation for the prompt cache) starts only after the engine
-# has had nothing else to do for this long: a chunk of 64+ rows takes ~150 ms on 2 cores, and a
-# client that sends its next request right after an answer (benchmarks, agents) must not wait for it.
-IDLE_AFTER_S = 0.05
+# Idle work (re-prefilling a finished conversation's answer for the exact prompt cache) starts only
+# after the engine has had nothing else to do for this long. A llama_decode cannot be interrupted, so
+# a request that arrives during an idle chunk (64..128 rows: 200-300 ms on 2 cores) waits for it; and a
+# client that sends its next turn as soon as its answer ends (agents, tools, benchmarks) arrives
+# 40-160 ms after the engine's last step here (measured through the HTTP stack). With 50 ms the idle
+# chunk usually started just before such a turn and cost it ~200 ms (bench.multiturn scenario a:
+# 481 ms against 273 ms without idle work); a person's next message comes seconds later either way.
+IDLE_AFTER_S = 0.5
 
 
 @dataclass
@@ -83,6 +87,8 @@ class Engine:
         self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes)
         self.limit = limit or VerifyLimit(UNMEASURED_ROWS, "strict")
         self.scheduler = Scheduler(self.slots, prefill_chunk, fast_forward, self.limit.max_draft)
+        if speculator is not None:  # a lone sequence's companion row can carry a draft token instead
+            speculator.companion_cells = self._cells_for_companions()
         self._commands: queue.Queue = queue.Queue()
         self._outbox: dict[int, tuple[Sink, list]] = {}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -229,8 +235,8 @@ class Engine:
             if seq.seq_id in lone:
                 m.batch_add(seq.last_token, seq.n_past + 1, seq.seq_id, False)
         took = self._decode()
-        if self.spec is not None:
-            self.spec.observe("batch", len(seqs), took)
+        if self.spec is not None:  # one sequence with a companion: the shape of a 1-token draft's verify
+            self.spec.observe(*(("chain", 2) if lone and len(seqs) == 1 else ("batch", len(seqs))), took)
         for seq in seqs:
             if seq.seq_id in lone:
                 m.seq_rm(seq.seq_id, seq.n_past + 1, -1)
@@ -239,7 +245,7 @@ class Engine:
                 self._take(seq, row)
         if self.spec is not None and self.spec.on and m.embeddings:  # Medusa drafts for the next step
             live = [(seq, row) for seq, row in zip(seqs, rows) if not seq.finished]
-            depth, every = self.spec.drafting(self._n_decoding)
+            depth, every = self.spec.drafting(self._n_decoding, self.spec.lone_plain_rows([s for s, _ in live]))
             for seq, _ in live:
                 seq.draft = []
             if live and depth:
@@ -313,7 +319,7 @@ class Engine:
             return
         seq.draft = []
         if spec is not None and spec.on and m.embeddings:
-            depth, _ = spec.drafting(self._n_decoding)
+            depth, _ = spec.drafting(self._n_decoding, spec.lone_plain_rows([seq]))
             if depth:
                 seq.draft = spec.drafts(m.hidden(accepted), [seq.last_token], depth)[0]
 

@@ -42,7 +42,7 @@ class ContextConfig:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()  # proportions per GPU; empty: llama.cpp's choice
     # Sequences past n_parallel that only hold idle conversations' cells (backend/slots.py, parked
-    # streams); -1: 3 x n_parallel on a model with sliding-window layers, else none.
+    # streams); -1: 3 x n_parallel + 1 on a model with sliding-window layers, else none.
     n_parked: int = 0
 
 
@@ -101,9 +101,9 @@ class LlamaModel:
         # Parked streams: a saved state of a sliding-window model restores differently from a cold
         # prefill past the window (llama.cpp saves only the window's cells), but a stream copied whole
         # (llama_memory_seq_cp across streams copies the buffer, cell for cell) keeps every logit.
+        # The default holds 3 conversations per slot, plus the one stream a swap needs (a conversation
+        # copied back into a slot whose own cells are parked first, while every stream is full).
         n_swa = llama.llama_model_n_swa(self.model)
-        # The default holds 3 conversations per slot, plus the one stream a swap needs: a conversation
-        # copied back into a slot whose own cells are parked first, while every stream is full.
         self.n_parked = (3 * cfg.n_parallel + 1 if n_swa > 0 else 0) if cfg.n_parked < 0 else cfg.n_parked
         cparams.n_ctx = self.n_ctx_per_seq * (cfg.n_parallel + self.n_parked)
         cparams.n_batch = cfg.n_batch

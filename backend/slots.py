@@ -34,6 +34,7 @@ from common.protocol import PromptCacheReport
 log = logging.getLogger("backend.slots")
 
 CacheMode = Literal["exact", "fast", "off"]
+IDLE_CHUNK_ROWS = 2 * TILED_FROM_ROWS  # the longest idle re-prefill chunk
 
 
 @dataclass
@@ -160,7 +161,7 @@ class SlotManager:
 
     def _shared(self, slot: Slot, prompt: np.ndarray) -> int:
         """Prompt tokens whose cells in this slot may be reused (before the exactness plan)."""
-        usable = slot.tiled if self.mode == "exact" else len(slot.tokens)
+        usable = self._usable(slot)
         return min(usable, common_prefix(np.asarray(slot.tokens[:usable], np.int32), prompt))
 
     def _usable(self, slot: Slot) -> int:
@@ -261,7 +262,9 @@ class SlotManager:
             if len(tokens) < TILED_FROM_ROWS:
                 slot.pending = []
                 continue
-            start, ends = tiled_chunks(slot.tiled, len(tokens), self.chunk)
+            # Short chunks, so that a request arriving meanwhile waits for at most ~128 rows (tiled
+            # cells are the same whatever the chunk's length).
+            start, ends = tiled_chunks(slot.tiled, len(tokens), min(self.chunk, IDLE_CHUNK_ROWS))
             if start < slot.tiled:
                 self.model.seq_rm(slot.seq_id, start, -1)
                 slot.tokens, slot.tiled = tokens[:start], start

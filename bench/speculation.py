@@ -46,12 +46,16 @@ from common.ports import free_port
 from common.wait_ready import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = {  # name: (MEDUSA_HEADS, PROMPT_LOOKUP)
-    "ours plain": ("none", "off"),
-    "ours Medusa": ("auto", "off"),
-    "ours lookup": ("none", "auto"),
-    "ours Medusa + lookup": ("auto", "auto"),
+OURS = {  # name: the model server's settings
+    "ours plain": {"MEDUSA_HEADS": "none", "PROMPT_LOOKUP": "off"},
+    "ours Medusa": {"MEDUSA_HEADS": "auto", "PROMPT_LOOKUP": "off"},
+    "ours lookup": {"MEDUSA_HEADS": "none", "PROMPT_LOOKUP": "auto"},
+    "ours Medusa + lookup": {"MEDUSA_HEADS": "auto", "PROMPT_LOOKUP": "auto"},
+    # The opt-out: every batch shape llama-server uses (verifies up to 33 rows, no companion rows, the
+    # fast prompt cache); its greedy answers may differ from plain decoding's, and the report counts them.
+    "ours fast (EXACTNESS=fast)": {"MEDUSA_HEADS": "auto", "PROMPT_LOOKUP": "auto", "EXACTNESS": "fast"},
 }
+FAST = "ours fast (EXACTNESS=fast)"
 NGRAM_SWEEP = {  # name: llama-server flags
     "ngram-simple n3 m8": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3", "--spec-ngram-simple-size-m", "8"],
     "ngram-simple n2 m16": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "2", "--spec-ngram-simple-size-m", "16"],
@@ -290,7 +294,7 @@ def summary(rep: dict) -> dict:
     ratios = {}
     plain1, plain4 = at("ours plain", 1), at("ours plain", 4)
     for name in OURS:
-        if name != "ours plain" and at(name, 1):
+        if name != "ours plain" and at(name, 1) and plain1:
             ratios[f"{name} / plain, 1 stream"] = round(at(name, 1) / plain1, 3)
             if at(name, 4) and plain4:
                 ratios[f"{name} / plain, 4 streams (per stream)"] = round(at(name, 4) / plain4, 3)
@@ -303,15 +307,16 @@ def summary(rep: dict) -> dict:
         def rate(rs):
             return sum(r["tokens"] - 1 for r in rs if r["tokens"] > 1) / sum(r["decode_s"] for r in rs if r["tokens"] > 1)
         ratios[f"{both} / plain, 1 stream, reference-heavy ({', '.join(heavy)})"] = round(rate(toks(both)) / rate(toks("ours plain")), 3)
-    if at("llama-server", 1):
+    if at("llama-server", 1) and at(both, 1):
         ratios[f"{both} / llama-server default, 1 stream"] = round(at(both, 1) / at("llama-server", 1), 3)
         if at("llama-server", 4):
             ratios[f"{both} / llama-server default, 4 streams (per stream)"] = round(at(both, 4) / at("llama-server", 4), 3)
     best = rep.get("best_ngram")
-    if best and at(best, 1):
-        ratios[f"{both} / llama-server {best} (best n-gram), 1 stream"] = round(at(both, 1) / at(best, 1), 3)
-        if at(best, 4):
-            ratios[f"{both} / llama-server {best}, 4 streams (per stream)"] = round(at(both, 4) / at(best, 4), 3)
+    for ours_name in (both, FAST):
+        if best and at(best, 1) and at(ours_name, 1):
+            ratios[f"{ours_name} / llama-server {best} (best n-gram), 1 stream"] = round(at(ours_name, 1) / at(best, 1), 3)
+            if at(best, 4) and at(ours_name, 4):
+                ratios[f"{ours_name} / llama-server {best}, 4 streams (per stream)"] = round(at(ours_name, 4) / at(best, 4), 3)
     def identical(ref_name: str, names) -> dict:
         """Per server: its requests (every level, but the reference's own one-stream row) whose text is
         what the reference server wrote for the same prompt at one stream."""
@@ -380,6 +385,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--levels", default="1,4")
     ap.add_argument("--skip-peers", action="store_true", help="our configurations only")
+    ap.add_argument("--configs", type=lambda v: v.split(","), default=None,
+                    help=f"a subset of ours, comma-separated (default: all of {', '.join(OURS)})")
+    ap.add_argument("--ngram", type=lambda v: v.split(","), default=None,
+                    help=f"a subset of llama-server's n-gram sweep (default: all of {', '.join(NGRAM_SWEEP)})")
     ap.add_argument("--skip-projection", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "llm-serve" / "bench"))
@@ -400,7 +409,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     items = rendered(args.model_path)
-    configs = OURS
+    configs = OURS if args.configs is None else {k: OURS[k] for k in args.configs}
     if args.quick:
         items = [p for p in items if p["category"] in ("chat", "rag")][:1] + [p for p in items if p["category"] == "rag"][:1]
         configs = {k: OURS[k] for k in ("ours plain", "ours Medusa + lookup")}
@@ -412,13 +421,14 @@ def main() -> None:
     def partial() -> None:  # each server's rows as they come: a failure later keeps them
         (out / "speculation.partial.json").write_text(json.dumps(rep, indent=2) + "\n")
 
-    for name, (heads, lookup) in configs.items():
-        rep["servers"][name] = ours(name, {"MEDUSA_HEADS": heads, "PROMPT_LOOKUP": lookup}, args, items, out)
+    for name, settings in configs.items():
+        rep["servers"][name] = ours(name, settings, args, items, out)
         partial()
     if not args.quick and not args.skip_peers and llama_server_binary():
         rep["servers"]["llama-server"] = llama_server("default", [], args.levels, args, items, out)
         partial()
-        sweep = {k: llama_server(k, flags, args.levels[:1], args, items, out) for k, flags in NGRAM_SWEEP.items()}
+        sweep = {k: llama_server(k, flags, args.levels[:1], args, items, out) for k, flags in NGRAM_SWEEP.items()
+                 if args.ngram is None or k in args.ngram}
         best = max(sweep, key=lambda k: sweep[k]["levels"][0]["stream_tok_s"])
         rep["best_ngram"] = best
         if len(args.levels) > 1:

@@ -35,3 +35,20 @@ def test_summary_ratios_and_greedy_checks():
     rep["summary"] = s
     md = markdown(rep)
     assert "ours Medusa + lookup 5/6" in md and "llama-server 2/3, ngram-cache 2/3" in md
+
+
+def test_summary_counts_what_exactness_fast_changes_and_runs_without_plain():
+    """EXACTNESS=fast is judged against llama-server's best n-gram setting, and its greedy answers are
+    counted against plain (strict) decoding's; a run of a subset of configurations still summarises."""
+    plain, fast = ["a", "b", "c"], ["a", "y", "c"]
+    rep = {"prompts": [{}] * 3, "max_tokens": 10, "threads": 2, "best_ngram": "ngram-map-k n3 m8", "servers": {
+        "ours plain": {"levels": [_row(1, 50.0, plain)]},
+        "ours fast (EXACTNESS=fast)": {"levels": [_row(1, 120.0, fast)]},
+        "ngram-map-k n3 m8": {"levels": [_row(1, 100.0, plain)], "flags": []},
+    }}
+    s = summary(rep)
+    assert s["ratios"]["ours fast (EXACTNESS=fast) / plain, 1 stream"] == 2.4
+    assert s["ratios"]["ours fast (EXACTNESS=fast) / llama-server ngram-map-k n3 m8 (best n-gram), 1 stream"] == 1.2
+    assert s["greedy_identical_to_plain"] == {"ours fast (EXACTNESS=fast)": "2/3"}
+    rep["servers"].pop("ours plain")
+    assert summary(rep)["greedy_identical_to_plain"] == {}

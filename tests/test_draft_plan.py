@@ -72,6 +72,18 @@ def test_one_stream_verifies_the_length_that_pays_most():
     assert choose([[Option("medusa", (1,), (0.05,))]], CHAIN, BATCH) == [None]
 
 
+def test_a_lone_sequence_with_a_companion_row_verifies_any_draft_token_in_its_place():
+    # Plain decoding of a lone sequence past position 255 takes 2 rows (decode_plan's companion):
+    # it costs chain(2) = 22 ms, what a verify of one draft token costs. The 5% draft that plain's
+    # 1 row (20 ms) beat now pays: E(1) = 1.05 tokens for the same 22 ms.
+    poor = Option("medusa", (1,), (0.05,))
+    assert choose([[poor]], CHAIN, BATCH, lone_plain_rows=2) == [Choice("medusa", (1,), pytest.approx(1.05))]
+    # A second token still has to pay for its own row: 0.05 * 0.5 more tokens for 3 ms more does not.
+    assert choose([[Option("medusa", (1, 2), (0.05, 0.5))]], CHAIN, BATCH, lone_plain_rows=2)[0].draft == (1,)
+    # Only a lone sequence takes a companion: two streams share one decode as before.
+    assert choose([[poor], [poor]], CHAIN, BATCH, lone_plain_rows=2) == [None, None]
+
+
 def test_the_better_source_wins_and_drafts_are_cut_where_they_stop_paying():
     medusa = Option("medusa", (1, 2, 3), (0.6, 0.5, 0.4))
     lookup = Option("lookup", (7, 8, 9, 10, 11, 12), (0.95,) * 6)

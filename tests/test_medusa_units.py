@@ -269,3 +269,26 @@ def test_heads_run_only_as_deep_as_a_draft_could_pay():
     assert got[:-1] == [(0, False)] * (JUDGE_EVERY - 1) and got[-1] == (4, False)
     x = np.zeros((1, H), np.float32)
     assert len(spec.drafts(x, [7], 2)[0]) == 2 and len(spec.drafts(x, [7])[0]) == 4
+
+
+def test_a_lone_sequence_past_the_split_kv_position_drafts_into_its_companion_row():
+    """Past position 255 a lone sequence's plain decode takes a companion row (decode_plan), the
+    shape of a 1-token verify: the heads then run although a draft would not pay against 1 row."""
+    from types import SimpleNamespace
+
+    from backend.decode_plan import SPLIT_KV_FROM_POS
+    from backend.spec.draft_plan import DepthCounts
+    from backend.spec.speculator import Speculator
+
+    heads = heads_from_state_dict(fd_state(n_heads=2))
+    costs = ({1: 20.0, 2: 30.0, 3: 40.0}, {1: 20.0, 2: 30.0})
+    spec = Speculator(heads, chain(2), costs, lookup=False)
+    spec.judged["medusa"] = DepthCounts([100, 100], [40, 10])  # E(1) = 1.4 for 30 ms < 1 token in 20 ms
+    early, late = SimpleNamespace(n_past=SPLIT_KV_FROM_POS - 1), SimpleNamespace(n_past=SPLIT_KV_FROM_POS)
+    spec.companion_cells = 4096
+    assert spec.lone_plain_rows([early]) == 1 and spec.lone_plain_rows([late]) == 2
+    assert spec.lone_plain_rows([late, late]) == 1  # several sequences share a decode: no companion
+    assert spec.drafting(1, 1)[0] in (0, 2)  # 0, or all heads on a judging step
+    assert spec.drafting(1, 2) == (2, True)  # one guess pays now; one more depth keeps being judged
+    spec.companion_cells = 0  # EXACTNESS=fast: no companion rows
+    assert spec.lone_plain_rows([late]) == 1

@@ -149,11 +149,13 @@ class Choice:
 
 
 def choose(options: list[list[Option]], chain: CostTable, batch: CostTable, max_verifying: int | None = None,
-           pinned: bool = False) -> list[Choice | None]:
+           pinned: bool = False, lone_plain_rows: int = 1) -> list[Choice | None]:
     """Per sequence: the draft it verifies this step, or None (it decodes one token in the shared
     decode). options[i]: sequence i's drafts. max_verifying: at most this many verify (None: no limit).
     pinned: every sequence with a draft verifies its best option whole (fixed configurations and
-    tests), up to max_verifying."""
+    tests), up to max_verifying. lone_plain_rows: the rows a lone sequence's plain decode takes (2
+    where it needs a companion row, backend/decode_plan.py): it then costs chain(2), what a verify
+    of one draft token costs, so a draft's first token rides in the companion's place for free."""
     n = len(options)
     out: list[Choice | None] = [None] * n
     cap = n if max_verifying is None else min(n, max_verifying)
@@ -167,7 +169,7 @@ def choose(options: list[list[Option]], chain: CostTable, batch: CostTable, max_
         return out
     # Rank sequences by what their best draft wins over plain decoding's per-token rate, then try the
     # best k of them verifying (k = 0..cap) and keep the k with the highest tokens per millisecond.
-    plain_rate = n / batch(n)
+    plain_rate = 1 / chain(lone_plain_rows) if n == 1 and lone_plain_rows > 1 else n / batch(n)
     ranked = []
     for i, opts in enumerate(options):
         scored = [(o.best_length(plain_rate, chain), o) for o in opts if o.draft]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from backend.decode_plan import needs_companion
 from backend.spec.draft_plan import Choice, CostTable, DepthCounts, Option, blended, choose, judge
 from backend.spec.lookup import NgramIndex
 from backend.spec.head_compute import HeadCompute
@@ -130,6 +131,9 @@ class Speculator:
         self.judged = {s: DepthCounts() for s in SOURCES}  # every draft offered, judged afterwards
         self.lookup_by_ngram: dict[int, DepthCounts] = {}
         self.decisions = {"verify": 0, "plain": 0}  # per sequence and step
+        # KV cells per sequence where a lone sequence past position 255 decodes with a companion row
+        # (the engine sets it: 0 under EXACTNESS=fast or on recurrent models, which take none).
+        self.companion_cells = 0
         self._drafting_step = 0
         self.note = "planned per step" if not pinned else "pinned: every draft verified whole"
         self.off_reason = ""
@@ -163,7 +167,12 @@ class Speculator:
             return [[] for _ in last_tokens]
         return self.compute.draft(hidden, last_tokens, self.ranks[:depth])
 
-    def drafting(self, n_streams: int) -> tuple[int, bool]:
+    def lone_plain_rows(self, seqs: list) -> int:
+        """Rows the plain decode of these sequences' next tokens takes per sequence: 2 for one
+        sequence that needs a companion row (backend/decode_plan.py), else 1."""
+        return 2 if self.companion_cells and len(seqs) == 1 and needs_companion(seqs[0].n_past, self.companion_cells) else 1
+
+    def drafting(self, n_streams: int, lone_plain_rows: int = 1) -> tuple[int, bool]:
         """How deep Medusa drafts this step while n_streams decode, and whether for every sequence.
         The heads cost ~0.3 ms a depth for one sequence and ~0.7 ms for four (memory-bound matmuls)
         against a 20-30 ms decode, so they run only as deep as a draft could pay now (from the
@@ -177,7 +186,8 @@ class Speculator:
         if self.pinned:
             return k, True
         acc = tuple(blended(None, self.judged["medusa"], d) for d in range(k))
-        gain, length = Option("medusa", tuple(range(k)), acc).best_length(n_streams / self.batch(n_streams), self.chain)
+        plain_rate = 1 / self.chain(lone_plain_rows) if n_streams == 1 and lone_plain_rows > 1 else n_streams / self.batch(n_streams)
+        gain, length = Option("medusa", tuple(range(k)), acc).best_length(plain_rate, self.chain)
         judge_now = self._drafting_step % JUDGE_EVERY == 0
         if gain <= 0:
             return (k, False) if judge_now else (0, False)
@@ -194,7 +204,7 @@ class Speculator:
         if self.max_streams is not None and len(seqs) > self.max_streams:  # MEDUSA_MAX_STREAMS
             chosen: list[Choice | None] = [None] * len(seqs)
         else:
-            chosen = choose(options, self.chain, self.batch, pinned=self.pinned)
+            chosen = choose(options, self.chain, self.batch, pinned=self.pinned, lone_plain_rows=self.lone_plain_rows(seqs))
         verifying = sum(c is not None for c in chosen)
         self.decisions["verify"] += verifying
         self.decisions["plain"] += len(seqs) - verifying
