@@ -111,14 +111,14 @@ class SlotManager:
         park_reuse = plan(self._shared(parked, arr))[0] if parked is not None else 0
         if park_reuse > reuse_of[main.seq_id] and park_reuse >= plan(ram_shared)[0]:
             # Copy the parked stream into a slot picked as for a miss; that slot's own cells are parked first.
-            main = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in free], busy)]
+            main = self._miss_slot(free, busy)
             parked.busy = True  # not a place to park them in
             self._evict(main, keep=0)
             parked.busy = False
             self._unpark(parked, main)
         elif ram_key is not None and plan(ram_shared)[0] > reuse_of[main.seq_id]:
             # Restore into a slot picked as for a miss; its own cells go to the RAM tier first.
-            main = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in free], busy)]
+            main = self._miss_slot(free, busy)
             self._evict(main, keep=0)
             saved = self.ram.get(ram_key)
             if self.model.state_restore(saved.state, main.seq_id):
@@ -132,7 +132,7 @@ class SlotManager:
         busy.add(main.seq_id)
         while len(chosen) < n:  # the other choices get the prompt's cells copied after its prefill
             rest = [s for s in free if s not in chosen]
-            other = self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in rest], busy)]
+            other = self._miss_slot(rest, busy)
             self._evict(other, keep=0)
             chosen.append(other)
             busy.add(other.seq_id)
@@ -158,6 +158,10 @@ class SlotManager:
         if self.mode == "exact" and self.model.n_swa > 0:
             return self.model.n_swa
         return 1 << 62
+
+    def _miss_slot(self, free: list[Slot], busy: set[int]) -> Slot:
+        """The free slot a request takes when no slot's own cells serve it (pick_slot without reuse)."""
+        return self.slots[pick_slot([(s.seq_id, 0, s.last_used) for s in free], busy)]
 
     def _shared(self, slot: Slot, prompt: np.ndarray) -> int:
         """Prompt tokens whose cells in this slot may be reused (before the exactness plan)."""

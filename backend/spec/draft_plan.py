@@ -148,6 +148,12 @@ class Choice:
     expected: float  # tokens this verify is expected to yield
 
 
+def plain_tokens_per_ms(n: int, chain: CostTable, batch: CostTable, lone_plain_rows: int = 1) -> float:
+    """What n sequences' shared plain decode yields per millisecond; a lone sequence that takes a
+    companion row (lone_plain_rows 2) pays a 2-row decode for its one token."""
+    return 1 / chain(lone_plain_rows) if n == 1 and lone_plain_rows > 1 else n / batch(n)
+
+
 def choose(options: list[list[Option]], chain: CostTable, batch: CostTable, max_verifying: int | None = None,
            pinned: bool = False, lone_plain_rows: int = 1) -> list[Choice | None]:
     """Per sequence: the draft it verifies this step, or None (it decodes one token in the shared
@@ -169,7 +175,7 @@ def choose(options: list[list[Option]], chain: CostTable, batch: CostTable, max_
         return out
     # Rank sequences by what their best draft wins over plain decoding's per-token rate, then try the
     # best k of them verifying (k = 0..cap) and keep the k with the highest tokens per millisecond.
-    plain_rate = 1 / chain(lone_plain_rows) if n == 1 and lone_plain_rows > 1 else n / batch(n)
+    plain_rate = plain_tokens_per_ms(n, chain, batch, lone_plain_rows)
     ranked = []
     for i, opts in enumerate(options):
         scored = [(o.best_length(plain_rate, chain), o) for o in opts if o.draft]

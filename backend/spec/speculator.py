@@ -26,7 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from backend.decode_plan import needs_companion
-from backend.spec.draft_plan import Choice, CostTable, DepthCounts, Option, blended, choose, judge
+from backend.spec.draft_plan import Choice, CostTable, DepthCounts, Option, blended, choose, judge, plain_tokens_per_ms
 from backend.spec.lookup import NgramIndex
 from backend.spec.head_compute import HeadCompute
 from backend.spec.heads import MedusaHeads
@@ -186,7 +186,7 @@ class Speculator:
         if self.pinned:
             return k, True
         acc = tuple(blended(None, self.judged["medusa"], d) for d in range(k))
-        plain_rate = 1 / self.chain(lone_plain_rows) if n_streams == 1 and lone_plain_rows > 1 else n_streams / self.batch(n_streams)
+        plain_rate = plain_tokens_per_ms(n_streams, self.chain, self.batch, lone_plain_rows)
         gain, length = Option("medusa", tuple(range(k)), acc).best_length(plain_rate, self.chain)
         judge_now = self._drafting_step % JUDGE_EVERY == 0
         if gain <= 0:
