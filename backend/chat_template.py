@@ -35,6 +35,10 @@ GEMMA = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+# In the fallbacks below the generation prompt ends at "ASSISTANT:"/"Assistant:" and the model writes
+# the space itself (" The ..."); clients send that answer back as it was streamed. So an earlier
+# answer that starts with whitespace gets no second space: the history then tokenizes as the cells
+# the answer left, and the prompt cache can reuse them (with "Assistant: " + " The", it never could).
 # FastChat's vicuna_v1.1 conversation (the format Vicuna and its Medusa heads were trained on).
 VICUNA = (
     "{{ bos_token }}{% set ns = namespace(sys='A chat between a curious user and an artificial "
@@ -45,7 +49,7 @@ VICUNA = (
     "{{ ns.sys }} "
     "{% for m in messages %}"
     "{% if m.role == 'user' %}USER: {{ m.content }} "
-    "{% elif m.role == 'assistant' %}ASSISTANT: {{ m.content }}{{ eos_token }}{% endif %}"
+    "{% elif m.role == 'assistant' %}ASSISTANT:{{ '' if m.content[:1] in ' \\n\\t' else ' ' }}{{ m.content }}{{ eos_token }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -61,7 +65,7 @@ TRANSCRIPT = (
     "{% for m in messages %}"
     "{% if m.role in ('system', 'developer') %}{{ m.content }}\n\n"
     "{% elif m.role == 'user' %}User: {{ m.content }}\n"
-    "{% else %}Assistant: {{ m.content }}\n{% endif %}"
+    "{% else %}Assistant:{{ '' if m.content[:1] in ' \\n\\t' else ' ' }}{{ m.content }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
@@ -90,19 +94,23 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], bos_token: str, eos_token: str, tools: list[dict] | None = None) -> str:
         """messages: protocol ChatMessage dicts; tools: protocol ToolDefinition dicts."""
-        tools = tools or []
-        if tools and self.renders_tools:
-            extra = {"tools": [{"type": "function", "function": t} for t in tools]}
-            messages = [_hf_message(m) for m in messages]
-        else:
-            extra = {}
-            messages = _generic_messages(messages, tools)
+        messages, extra = self._inputs(messages, tools or [])
         try:
             return _compile(self.text).render(
                 messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, **extra
             )
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template rejected these messages: {e}") from e
+
+    def answers(self, messages: list[dict], tools: list[dict] | None = None) -> list[str]:
+        """The text of each assistant message as the template receives it (a reply's tool calls
+        written in the generic format), in order: where to look for earlier answers in the prompt."""
+        return [m.get("content") or "" for m in self._inputs(messages, tools or [])[0] if m.get("role") == "assistant"]
+
+    def _inputs(self, messages: list[dict], tools: list[dict]) -> tuple[list[dict], dict]:
+        if tools and self.renders_tools:
+            return [_hf_message(m) for m in messages], {"tools": [{"type": "function", "function": t} for t in tools]}
+        return _generic_messages(messages, tools), {}
 
 
 def choose_template(

@@ -75,6 +75,13 @@ class BackendSettings(BaseSettings):
         "cell, as llama-server does: faster next turns, greedy output may differ), 'off'; default: 'exact', "
         "'fast' under EXACTNESS=fast",
     )
+    prompt_cache_answers: str = Field(
+        "reuse", pattern="^(reuse|recompute)$",
+        description="exact prompt cache, chat prompts: 'reuse' computes a prompt's earlier answers in decode-sized "
+        "chunks, as decoding wrote them, so a conversation's next turn reuses its last answer and prefills only its "
+        "new message (answers not in the cache cost ~4x a long chunk's time per token); 'recompute' computes them "
+        "in long chunks, so a next turn recomputes the answer before it",
+    )
     parked_seqs: int = Field(
         -1, ge=-1, le=240,
         description="KV streams past N_PARALLEL that hold idle conversations whole, copied out of a slot a new "

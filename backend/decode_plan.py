@@ -23,6 +23,9 @@ Under EXACTNESS=fast no companion rows are added (the engine's `companions` flag
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from dataclasses import dataclass
+
 # Position from which a lone single-token ubatch gets a KV view of >= 512 cells (split-KV path).
 SPLIT_KV_FROM_POS = 256
 # Query rows per stream from which flash attention tiles; a verify decode stays below it
@@ -51,23 +54,15 @@ def companion_rows(tokens: list[tuple[int, int]], n_cells: int) -> list[int]:
 # --- prompt chunks and what a prompt cache may reuse ---------------------------------------------
 # Measured (tests/test_prompt_cache.py, README "The prompt cache"): a cell written by a prefill chunk
 # of TILED_FROM_ROWS or more rows of one sequence holds the same numbers whatever the chunk's length
-# or start (chunks of 64..400 rows on any boundaries give bit-identical logits), while cells of
-# shorter chunks and of single-token decode steps differ with the row count. Call such cells
-# "tiled". A cold prefill runs chunks of `chunk` rows from position 0, so every prompt cell is tiled
-# except those of a last chunk shorter than TILED_FROM_ROWS.
+# or start (chunks of 64..400 rows on any boundaries give bit-identical logits). Call such cells
+# "tiled". Cells of shorter chunks and of decode steps hold other numbers, in two more classes of
+# their own (below). A cold prefill runs chunks of `chunk` rows from position 0, so every prompt
+# cell is tiled except those of a last chunk shorter than TILED_FROM_ROWS.
 
 
 def cold_chunks(n_prompt: int, chunk: int) -> list[int]:
     """The end of each prompt chunk of a cold prefill: the fixed schedule."""
     return list(range(chunk, n_prompt, chunk)) + [n_prompt]
-
-
-def tiled_end(n_prompt: int, chunk: int) -> int:
-    """How many leading cells of a cold prefill are tiled."""
-    if chunk < TILED_FROM_ROWS:
-        return 0
-    last_start = (n_prompt - 1) // chunk * chunk
-    return n_prompt if n_prompt - last_start >= TILED_FROM_ROWS else last_start
 
 
 def tiled_chunks(start: int, end: int, chunk: int) -> tuple[int, list[int]]:
@@ -83,25 +78,104 @@ def tiled_chunks(start: int, end: int, chunk: int) -> tuple[int, list[int]]:
     return start, [start + n * (i + 1) // k for i in range(k)]
 
 
-def reuse_plan(n_prompt: int, cached: int, chunk: int) -> tuple[int, list[int]]:
-    """Exact prompt reuse: given that the first `cached` prompt tokens' cells are kept and tiled,
-    how many to reuse and the chunk ends that prefill the rest, so that every cell and the last
-    row's logits come out exactly as a cold prefill computes them. Tiled cells are computed by
-    chunks of >= TILED_FROM_ROWS rows; a short last chunk of the cold schedule is run as it is."""
-    cold = cold_chunks(n_prompt, chunk)
-    end = tiled_end(n_prompt, chunk)
-    reuse = min(cached, end if end < n_prompt else n_prompt - 1)
-    if reuse <= 0 or end == 0:
-        return 0, cold
-    if reuse == end:  # all tiled cells kept: only the cold schedule's short last chunk remains
-        return reuse, [n_prompt]
-    start, ends = tiled_chunks(reuse, end, chunk)
-    if start == 0:
-        return 0, cold
-    return start, ends + ([n_prompt] if end < n_prompt else [])
-
-
 def fast_plan(n_prompt: int, cached: int, chunk: int) -> tuple[int, list[int]]:
     """Inexact reuse (PROMPT_CACHE=fast): every kept cell, whatever computed it; the rest in chunks."""
     reuse = max(0, min(cached, n_prompt - 1))
     return reuse, list(range(reuse + chunk, n_prompt, chunk)) + [n_prompt]
+
+
+# --- cell classes: exact reuse of any cell, not only tiled ones ----------------------------------
+# Measured (tests/test_prompt_cache.py; at load, verify_rows.mixed_chunks_match): the numbers a cell holds depend
+# on the row count of the one-sequence llama_decode that wrote it only through the kernels that count
+# takes, and within each class not at all (whatever the chunking, the later logits are bit-identical):
+# - VEC, 1..vec_rows rows (7 here): matrix-vector dot products and per-row attention, the cells that
+#   decode steps and verify decodes write;
+# - MIXED, vec_rows+1..63 rows: tiled matmuls, per-row attention;
+# - TILED, >= TILED_FROM_ROWS rows: tiled matmuls and tiled attention.
+# Cells of different classes differ (by ~1.4 in a later logit). So a cached cell is reusable for a
+# request exactly when the request's own cold schedule writes a cell of the same class there.
+NONE, VEC, MIXED, TILED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class CellRules:
+    """Which decodes write equal cells, as measured when the model loads (backend/spec/verify_rows.py).
+    The default knows only tiled cells: the rule before classes were measured, and the one without."""
+
+    vec_rows: int = 0  # decodes of 1..vec_rows rows write what one-by-one decoding writes (0: unknown)
+    mixed: bool = False  # decodes of vec_rows+1..63 rows write equal cells whatever their length
+    answers: bool = True  # chat prompts' answers in decode-sized chunks (PROMPT_CACHE_ANSWERS=reuse)
+
+    def of(self, rows: int) -> int:
+        """The class of the cells a one-sequence decode of `rows` rows writes."""
+        if rows >= TILED_FROM_ROWS:
+            return TILED
+        if rows <= self.vec_rows:
+            return VEC
+        return MIXED if self.mixed else NONE
+
+    @property
+    def segments(self) -> bool:
+        """Whether a chat prompt's earlier answers may be computed as decode-step cells (below)."""
+        return self.vec_rows > 0 and self.mixed and self.answers
+
+
+def canonical_ends(n_prompt: int, chunk: int, spans: list[tuple[int, int]] | None, rules: CellRules) -> list[int]:
+    """A prompt's cold schedule: the end of each chunk. Without spans, chunks of `chunk` rows from 0
+    (cold_chunks). A chat prompt's spans are the token ranges of its earlier answers: they run in
+    chunks of rules.vec_rows rows, so their cells are the ones decoding them wrote, and the text
+    between them (system, user messages, template) in chunks of `chunk` rows from each one's start.
+    A conversation's next turn then finds every cell of its history as its cold schedule writes it
+    and computes only its new message. The schedule depends on the request alone."""
+    if not spans or not rules.segments:
+        return cold_chunks(n_prompt, chunk)
+    ends: list[int] = []
+    pos = 0
+    for start, end in sorted(spans):
+        start, end = max(start, pos), min(end, n_prompt)
+        if start >= end:
+            continue
+        if start > pos:
+            ends += [pos + e for e in cold_chunks(start - pos, chunk)]
+        ends += list(range(start + rules.vec_rows, end, rules.vec_rows)) + [end]
+        pos = end
+    if pos < n_prompt:
+        ends += [pos + e for e in cold_chunks(n_prompt - pos, chunk)]
+    return ends
+
+
+def classes_of(ends: list[int], rules: CellRules) -> bytes:
+    """The class of each cell a schedule writes (chunk ends from position 0)."""
+    out = bytearray()
+    start = 0
+    for end in ends:
+        out += bytes([rules.of(end - start)]) * (end - start)
+        start = end
+    return bytes(out)
+
+
+def exact_plan(n_prompt: int, chunk: int, spans: list[tuple[int, int]] | None, rules: CellRules,
+               shared: int, cached: bytes) -> tuple[int, list[int]]:
+    """Exact prompt reuse: the first `shared` prompt tokens have cells of classes `cached`. How many
+    to reuse and the chunk ends that compute the rest, so that every cell comes out of the class the
+    cold schedule writes there (and so with its numbers), and the last row's logits too. A cold
+    chunk entered part way is computed from where reuse stops, moved back over cells of its own
+    class when fewer rows would change the class (recomputing a cell in its class changes nothing)."""
+    ends = canonical_ends(n_prompt, chunk, spans, rules)
+    want = classes_of(ends, rules)
+    limit = min(shared, n_prompt - 1, len(cached))
+    reuse = 0
+    while reuse < limit and cached[reuse] != NONE and cached[reuse] == want[reuse]:
+        reuse += 1
+    if reuse == 0:
+        return 0, ends
+    k = bisect_right(ends, reuse)  # the cold chunk [ends[k-1], ends[k]) holds position `reuse`
+    chunk_start, chunk_end = (ends[k - 1] if k else 0), ends[k]
+    if reuse == chunk_start:
+        return reuse, ends[k:]
+    cls = want[reuse]
+    least = {VEC: 1, MIXED: rules.vec_rows + 1, TILED: TILED_FROM_ROWS}.get(cls)
+    if least is None:  # a class nothing can reproduce: the chunk from its start
+        return (chunk_start, ends[k:]) if chunk_start else (0, ends)
+    start = min(reuse, chunk_end - least)  # >= chunk_start: a cold chunk has rows of its own class
+    return (start, ends[k:]) if start else (0, ends)

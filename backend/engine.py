@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -60,6 +60,9 @@ class EngineStats:
     tokens_generated: int = 0
     prompt_tokens: int = 0  # prompt tokens prefilled (not those reused from the cache)
     decode_seconds: float = 0.0
+    # Wall time of the loop's iterations that ran a step (planning, llama_decode, sampling, drafting,
+    # handing events over): minus decode_seconds, the host's share of a step.
+    step_seconds: float = 0.0
     forced_drafted: int = 0  # grammar-forced tokens proposed as drafts
     forced_accepted: int = 0  # of those, tokens the model chose too
 
@@ -75,17 +78,20 @@ class Engine:
         fast_forward: bool = True,
         metrics: EngineMetrics | None = None,
         limit: VerifyLimit | None = None,
+        cache_answers: bool = True,
     ):
         """limit: the most rows of a verify decode and the EXACTNESS mode (backend/spec/verify_rows.py;
-        default the CPU's measured 7 rows, strict). Under fast, no companion rows are added."""
+        default the CPU's measured 7 rows, strict). Under fast, no companion rows are added.
+        cache_answers: PROMPT_CACHE_ANSWERS=reuse (backend/decode_plan.canonical_ends)."""
         if speculator is not None and speculator.on and not model.embeddings:
             raise ValueError("Medusa needs a context with embeddings on")
         self.model = model
         self.spec = speculator
         self.metrics = metrics
         self.stats = EngineStats()
-        self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes)
         self.limit = limit or VerifyLimit(UNMEASURED_ROWS, "strict")
+        rules = replace(self.limit.cell_rules, answers=cache_answers)  # PROMPT_CACHE_ANSWERS
+        self.slots = SlotManager(model, cache_mode, prefill_chunk, cache_ram_bytes, rules)
         self.scheduler = Scheduler(self.slots, prefill_chunk, fast_forward, self.limit.max_draft)
         if speculator is not None:  # a lone sequence's companion row can carry a draft token instead
             speculator.companion_cells = self._cells_for_companions()
@@ -125,6 +131,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop:
             self._take_commands(self._wait_for())
+            t0 = time.perf_counter()
             admitted = self.scheduler.admit()
             started = time.monotonic()
             if self.metrics is not None:
@@ -148,6 +155,8 @@ class Engine:
                 if serves and self.metrics is not None:
                     self.metrics.step(time.monotonic() - started, self.stats.tokens_generated - generated)
             self._postprocess()
+            if not step.empty:
+                self.stats.step_seconds += time.perf_counter() - t0
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(req, "the model server is shutting down")
         self._flush()
@@ -234,6 +243,9 @@ class Engine:
             rows.append(m.batch_add(seq.last_token, seq.n_past, seq.seq_id, True))
             if seq.seq_id in lone:
                 m.batch_add(seq.last_token, seq.n_past + 1, seq.seq_id, False)
+        if len(rows) + len(lone) > self.limit.rows:  # wider than a verify: not the cells one-by-one decoding writes
+            for seq in seqs:
+                seq.vec_cells = False
         took = self._decode()
         if self.spec is not None:  # one sequence with a companion: the shape of a 1-token draft's verify
             self.spec.observe(*(("chain", 2) if lone and len(seqs) == 1 else ("batch", len(seqs))), took)
@@ -284,6 +296,8 @@ class Engine:
             # No room left for a draft (this is the request's last token): a lone row must not take
             # the split-KV path (decode_plan). Its cell goes when the request finishes.
             m.batch_add(seq.last_token, base + 1, seq.seq_id, False)
+        if len(draft) + 1 > self.limit.rows:  # EXACTNESS=fast's long verifies
+            seq.vec_cells = False
         took = self._decode()
         spec = self.spec
         if spec is not None:
@@ -338,11 +352,16 @@ class Engine:
             self._start_decoding(req, end - start - 1)
 
     def _decode_prompt(self, tokens: list[int], start: int, end: int, seq_id: int, output: bool, all_rows: bool = False) -> None:
-        """One prompt chunk of one sequence, hidden-state output off (else every row is an output)."""
+        """One prompt chunk of one sequence, hidden-state output off (else every row is an output). A
+        one-row chunk past position 255 gets a companion row, as a decode step does (decode_plan), so
+        that its cell is the one decoding writes (the prompt cache's VEC class)."""
         m = self.model
         m.batch_clear()
         for pos in range(start, end):
             m.batch_add(tokens[pos], pos, seq_id, all_rows or (output and pos == end - 1))
+        companion = end - start == 1 and needs_companion(start, self._cells_for_companions())
+        if companion:
+            m.batch_add(tokens[start], start + 1, seq_id, False)
         if m.embeddings:
             m.set_embeddings(False)
             try:
@@ -351,6 +370,8 @@ class Engine:
                 m.set_embeddings(True)
         else:
             self._decode()
+        if companion:
+            m.seq_rm(seq_id, start + 1, -1)
 
     def _decode(self) -> float:
         """One llama_decode of the batch; returns its seconds."""
@@ -389,7 +410,7 @@ class Engine:
     def _postprocess(self) -> None:
         for req in self.scheduler.retire():
             for seq in req.seqs:
-                self.slots.release(seq.slot, seq.kept_tokens())
+                self.slots.release(seq.slot, seq.kept_tokens(), len(req.tokens), seq.vec_cells, req.prep.spans is not None)
         if self.spec is not None and not self.spec.on and self.model.embeddings:
             self.model.stop_hidden_states()  # speculation is off for good: stop producing hidden states
         self._flush()

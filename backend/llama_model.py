@@ -176,6 +176,19 @@ class LlamaModel:
             return buf.raw[:n]
         return self._piece_buf.raw[:n]
 
+    def pieces(self, tokens: list[int]) -> list[bytes]:
+        """Each token's text as raw bytes, special tokens as written (any thread: its own buffer)."""
+        buf, out = ctypes.create_string_buffer(256), []
+        for t in tokens:
+            n = llama.llama_token_to_piece(self.vocab, t, buf, 256, 0, True)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self.vocab, t, big, -n, 0, True)
+                out.append(big.raw[:n])
+            else:
+                out.append(buf.raw[:n])
+        return out
+
     def detokenize(self, tokens: list[int]) -> str:
         arr = (llama.llama_token * max(1, len(tokens)))(*tokens)
         cap = len(tokens) * 16 + 16

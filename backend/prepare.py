@@ -7,6 +7,7 @@ the decode loop. Client mistakes come back as ErrorEvents, never exceptions.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 import llguidance
@@ -29,6 +30,9 @@ class PreparedRequest:
     prompt_text: str | None
     stop: list[str]  # the request's stop strings and the chat template's
     grammar: llguidance.LLMatcher | None = None  # a pristine matcher; each sequence copies it
+    # A chat prompt's earlier answers as token ranges (answer_spans; [] without any); None: not a chat
+    # prompt. The exact prompt cache's cold schedule follows them (backend/decode_plan.py).
+    spans: list[tuple[int, int]] | None = None
 
 
 def prepare(
@@ -60,18 +64,19 @@ def _prepare(
             f"n={req.n} is more than this server decodes at once (N_PARALLEL={model.n_parallel}).", "n"
         )
     if req.messages is not None:
+        messages, tools = [m.model_dump() for m in req.messages], [t.model_dump() for t in req.tools]
         try:
             text = template.render(
-                [m.model_dump() for m in req.messages],
-                bos_token=model.special_text(model.bos),
-                eos_token=model.special_text(model.eos),
-                tools=[t.model_dump() for t in req.tools],
+                messages, bos_token=model.special_text(model.bos), eos_token=model.special_text(model.eos), tools=tools,
             )
         except ChatTemplateError as e:
             return error(str(e), "messages")
         tokens = model.tokenize(text, add_special=False)
+        answers = template.answers(messages, tools)
+        spans = answer_spans(text, model.pieces(tokens), answers) if any(answers) else []
         if model.add_bos and (not tokens or tokens[0] != model.bos):
             tokens.insert(0, model.bos)
+            spans = [(a + 1, b + 1) for a, b in spans]
     elif isinstance(req.prompt, str):
         tokens = model.tokenize(req.prompt, add_special=True)
     else:
@@ -124,4 +129,33 @@ def _prepare(
         prompt_text=prompt_text,
         stop=req.stop + [s for s in template.stop if req.messages is not None and s not in req.stop],
         grammar=grammar,
+        spans=spans if req.messages is not None else None,
     )
+
+
+def answer_spans(text: str, pieces: list[bytes], answers: list[str]) -> list[tuple[int, int]]:
+    """The token ranges of a rendered chat prompt that hold its earlier answers: for each answer in
+    turn, found in the text after the one before, the tokens wholly inside it. pieces: each token's
+    bytes; if they do not spell the text (a tokenizer that rewrites it), no spans."""
+    data = text.encode()
+    if b"".join(pieces) != data:
+        return []
+    starts, ends, at = [], [], 0
+    for p in pieces:
+        starts.append(at)
+        at += len(p)
+        ends.append(at)
+    spans, at = [], 0
+    for answer in answers:
+        raw = answer.encode()
+        i = data.find(raw, at) if raw else -1
+        if i < 0:  # templates that trim what they render (Gemma's)
+            raw = answer.strip().encode()
+            i = data.find(raw, at) if raw else -1
+        if i < 0:
+            continue
+        j = at = i + len(raw)
+        first, last = bisect_left(starts, i), bisect_right(ends, j)
+        if last > first:
+            spans.append((first, last))
+    return spans

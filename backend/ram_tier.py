@@ -26,6 +26,7 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class SavedState:
     tokens: np.ndarray  # int32: the tokens whose cells `state` holds, from position 0
     state: np.ndarray  # uint8
+    classes: bytes = b""  # exact mode: the class of each cell (backend/decode_plan.py)
 
 
 class RamTier:
@@ -57,12 +58,16 @@ class RamTier:
         """Some entry already holds these tokens (or more after them)."""
         return any(len(e.tokens) >= len(tokens) and common_prefix(e.tokens, tokens) == len(tokens) for e in self._entries.values())
 
+    def peek(self, key: int) -> SavedState:
+        """An entry, without counting a use."""
+        return self._entries[key]
+
     def get(self, key: int) -> SavedState:
         self._entries.move_to_end(key)
         self.restores += 1
         return self._entries[key]
 
-    def put(self, tokens: np.ndarray, state: np.ndarray) -> bool:
+    def put(self, tokens: np.ndarray, state: np.ndarray, classes: bytes = b"") -> bool:
         """Keep a state, dropping entries it extends and the least recently used ones past capacity."""
         if state.nbytes > self.capacity or self.covers(tokens):
             return False
@@ -70,7 +75,7 @@ class RamTier:
             self._drop(key)
         while self.bytes + state.nbytes > self.capacity:
             self._drop(next(iter(self._entries)))
-        self._entries[self._next_key] = SavedState(tokens, state)
+        self._entries[self._next_key] = SavedState(tokens, state, classes)
         self._next_key += 1
         self.bytes += state.nbytes
         self.saves += 1

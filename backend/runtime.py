@@ -94,6 +94,7 @@ class ModelService:
         st = self.engine.stats
         return Stats(active_requests=len(self.active_ids), steps=st.steps, prompt_tokens=st.prompt_tokens,
                      tokens_generated=st.tokens_generated, decode_seconds=round(st.decode_seconds, 3),
+                     step_seconds=round(st.step_seconds, 3),
                      medusa=self.medusa_report(), speculation=self.speculation_report(),
                      prompt_cache=self.engine.slots.stats(), grammar=self.grammar_report(),
                      devices=self.device_reports(), n_gpu_layers=self.model.n_gpu_layers if self.model is not None else 0,
@@ -135,7 +136,8 @@ class ModelService:
             self.grammars = GrammarCompiler(model, s.grammar_cache)
             self.engine = Engine(model, prefill_chunk=s.prefill_chunk, speculator=self.speculator,
                                  cache_mode=s.prompt_cache, cache_ram_bytes=s.prompt_cache_ram_mb << 20,
-                                 fast_forward=s.grammar_fast_forward, metrics=self.engine_metrics, limit=self.limit)
+                                 fast_forward=s.grammar_fast_forward, metrics=self.engine_metrics, limit=self.limit,
+                                 cache_answers=s.prompt_cache_answers == "reuse")
             self.engine.start()
             if s.embeddings:
                 self.embedder, self.embeddings_off = open_embedder(model, s.embeddings_ctx, s.embeddings_batch, s.threads)

@@ -70,7 +70,7 @@ class Scheduler:
             logprobs = req.prep.req.prompt_logprobs
             got = self.slots.admit(
                 req.tokens, req.prep.req.n, cacheable=not logprobs,
-                chunk=PROMPT_LOGPROBS_CHUNK if logprobs else self.prefill_chunk,
+                chunk=PROMPT_LOGPROBS_CHUNK if logprobs else self.prefill_chunk, spans=req.prep.spans,
             )
             if got is None:
                 break

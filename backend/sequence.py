@@ -50,6 +50,9 @@ class Sequence:
         self.last_token = prep.tokens[-1]
         self.draft: list[int] = []  # Medusa's guesses for the tokens after last_token
         self.drafts = SequenceDrafts()  # the speculator's per-sequence state (lookup index, judgements)
+        # Every decode that wrote a generated token's cell had at most the verify limit's rows, so
+        # those cells are the ones one-by-one decoding writes (decode_plan.VEC; the prompt cache's).
+        self.vec_cells = True
         self.finished = False
 
     @property

@@ -8,11 +8,13 @@ decoded: PARKED_SEQS) and copied back when their conversation returns, cell for 
 conversation's logits are a cold prefill's at any length; what parked streams cannot hold is saved
 into the RAM tier (backend/ram_tier.py) and restored later.
 
-Which cells are reusable is the exactness rule (backend/decode_plan.py): in `exact` mode only tiled
-cells (written by prompt chunks of >= 64 rows), the ones a cold prefill computes identically, so a
-request served from the cache gives token for token what it gives on a fresh server. The tokens a
-request generated (written by one-token decode steps) are re-prefilled as tiled cells when the engine
-is idle, so a conversation's next turn reuses them too. `fast` mode reuses every cell (as
+Which cells are reusable is the exactness rule (backend/decode_plan.py): in `exact` mode each cell's
+class (which kernels wrote it: decode-sized, mid-sized or tiled chunks) is recorded, and a request
+reuses a cell only where its own cold schedule writes one of the same class, so a request served from
+the cache gives token for token what it gives on a fresh server. A chat prompt's cold schedule runs
+its earlier answers in decode-sized chunks, so an answer's cells stay as decoding wrote them and the
+next turn reuses them; the tokens a completion generated are re-prefilled as tiled cells when the
+engine is idle, as a completion continuing them computes them. `fast` mode reuses every cell (as
 llama-server does; its measured difference is in the README); `off` keeps nothing.
 
 This module owns the slots and the RAM tier; the engine thread is its only caller.
@@ -26,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from backend.decode_plan import TILED_FROM_ROWS, cold_chunks, fast_plan, reuse_plan, tiled_chunks
+from backend.decode_plan import NONE, TILED, TILED_FROM_ROWS, VEC, CellRules, canonical_ends, exact_plan, fast_plan, tiled_chunks
 from backend.llama_model import LlamaModel
 from backend.ram_tier import RamTier, common_prefix
 from common.protocol import PromptCacheReport
@@ -41,7 +43,8 @@ IDLE_CHUNK_ROWS = 2 * TILED_FROM_ROWS  # the longest idle re-prefill chunk
 class Slot:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # the tokens whose cells the stream holds, from position 0
-    tiled: int = 0  # how many leading cells are tiled (exact reuse)
+    # Exact mode: the class of each leading cell (decode_plan: VEC, MIXED, TILED) as far as it is known.
+    classes: bytearray = field(default_factory=bytearray)
     pending: list[int] = field(default_factory=list)  # exact mode: tokens after the cells, to re-prefill when idle
     last_used: int = 0
     busy: bool = False
@@ -69,10 +72,11 @@ def pick_slot(free: list[tuple[int, int, int]], busy: set[int]) -> int:
 
 
 class SlotManager:
-    def __init__(self, model: LlamaModel, mode: CacheMode, chunk: int, ram_bytes: int):
+    def __init__(self, model: LlamaModel, mode: CacheMode, chunk: int, ram_bytes: int, rules: CellRules = CellRules()):
         self.model = model
         self.mode = mode
         self.chunk = chunk
+        self.rules = rules  # which cells are equal (measured at load); the default: tiled cells only
         self.slots = [Slot(i) for i in range(model.n_parallel)]
         n = model.n_parallel
         self.parked = [Slot(i) for i in range(n, n + model.n_parked)] if mode != "off" else []
@@ -85,21 +89,28 @@ class SlotManager:
         return sum(not s.busy for s in self.slots)
 
     # --- admission --------------------------------------------------------------------------------
-    def admit(self, prompt: list[int], n: int, cacheable: bool, chunk: int) -> Admission | None:
+    def admit(self, prompt: list[int], n: int, cacheable: bool, chunk: int,
+              spans: list[tuple[int, int]] | None = None) -> Admission | None:
         """Slots for a request of n choices, or None while too few are free. cacheable: False for
-        requests whose prompt chunks follow another schedule (prompt logprobs)."""
+        requests whose prompt chunks follow another schedule (prompt logprobs); spans: a chat
+        prompt's earlier answers (decode_plan.canonical_ends; None: not a chat prompt)."""
         free = [s for s in self.slots if not s.busy]
         if len(free) < n:
             return None
         use = cacheable and self.mode != "off"
         arr = np.asarray(prompt, np.int32)
 
-        def plan(cached: int) -> tuple[int, list[int]]:
+        def plan(shared: int, classes: bytes) -> tuple[int, list[int]]:
             if not use:
-                return 0, cold_chunks(len(prompt), chunk)
-            return (reuse_plan if self.mode == "exact" else fast_plan)(len(prompt), cached, chunk)
+                return 0, canonical_ends(len(prompt), chunk, spans, self.rules)
+            if self.mode == "exact":
+                return exact_plan(len(prompt), chunk, spans, self.rules, shared, classes)
+            return fast_plan(len(prompt), shared, chunk)
 
-        reuse_of = {s.seq_id: plan(self._shared(s, arr))[0] for s in free}
+        def slot_plan(slot: Slot) -> tuple[int, list[int]]:
+            return plan(self._shared(slot, arr), bytes(slot.classes))
+
+        reuse_of = {s.seq_id: slot_plan(s)[0] for s in free}
         busy = {s.seq_id for s in self.slots if s.busy}
         main = self.slots[pick_slot([(s.seq_id, reuse_of[s.seq_id], s.last_used) for s in free], busy)]
         ram_key, ram_shared = None, 0
@@ -108,25 +119,26 @@ class SlotManager:
             ram_key, ram_shared = self.ram.best(arr, self._restorable)
         held = [p for p in self.parked if p.tokens] if use else []
         parked = max(held, key=lambda p: (self._shared(p, arr), p.last_used), default=None)
-        park_reuse = plan(self._shared(parked, arr))[0] if parked is not None else 0
-        if park_reuse > reuse_of[main.seq_id] and park_reuse >= plan(ram_shared)[0]:
+        park_reuse = slot_plan(parked)[0] if parked is not None else 0
+        ram_reuse = plan(ram_shared, self.ram.peek(ram_key).classes)[0] if ram_key is not None else 0
+        if park_reuse > reuse_of[main.seq_id] and park_reuse >= ram_reuse:
             # Copy the parked stream into a slot picked as for a miss; that slot's own cells are parked first.
             main = self._miss_slot(free, busy)
             parked.busy = True  # not a place to park them in
             self._evict(main, keep=0)
             parked.busy = False
             self._unpark(parked, main)
-        elif ram_key is not None and plan(ram_shared)[0] > reuse_of[main.seq_id]:
+        elif ram_key is not None and ram_reuse > reuse_of[main.seq_id]:
             # Restore into a slot picked as for a miss; its own cells go to the RAM tier first.
             main = self._miss_slot(free, busy)
             self._evict(main, keep=0)
             saved = self.ram.get(ram_key)
             if self.model.state_restore(saved.state, main.seq_id):
                 main.tokens = saved.tokens.tolist()
-                main.tiled = len(main.tokens) if self.mode == "exact" else 0
+                main.classes = bytearray(saved.classes)
             else:
                 log.warning("restoring a saved prompt state failed; prefilling instead")
-        reuse, ends = plan(self._shared(main, arr))
+        reuse, ends = slot_plan(main)
         self._evict(main, keep=reuse)
         chosen = [main]
         busy.add(main.seq_id)
@@ -169,7 +181,10 @@ class SlotManager:
         return min(usable, common_prefix(np.asarray(slot.tokens[:usable], np.int32), prompt))
 
     def _usable(self, slot: Slot) -> int:
-        return slot.tiled if self.mode == "exact" else len(slot.tokens)
+        """Leading cells a later request may reuse: in exact mode those of a known class."""
+        if self.mode != "exact":
+            return len(slot.tokens)
+        return _known(slot.classes)
 
     def _evict(self, slot: Slot, keep: int) -> None:
         """Drop the slot's cells past `keep`, keeping its reusable cells first (in a parked stream, else
@@ -182,7 +197,7 @@ class SlotManager:
                 self._to_ram(slot, keep)
         self.model.seq_rm(slot.seq_id, keep, -1)
         del slot.tokens[keep:]
-        slot.tiled = min(slot.tiled, keep)
+        del slot.classes[keep:]
         slot.pending = []
 
     def _to_ram(self, slot: Slot, keep: int) -> None:
@@ -194,7 +209,7 @@ class SlotManager:
         tokens = np.asarray(slot.tokens[:usable], np.int32)
         if not self.ram.covers(tokens):
             self.model.seq_rm(slot.seq_id, usable, -1)
-            if self.ram.put(tokens, self.model.state_save(slot.seq_id)):
+            if self.ram.put(tokens, self.model.state_save(slot.seq_id), bytes(slot.classes[:usable])):
                 self.report.ram_saves += 1
 
     def _park(self, slot: Slot, usable: int, keep: int) -> None:
@@ -213,46 +228,56 @@ class SlotManager:
         self.model.seq_cp(slot.seq_id, target.seq_id)
         self.model.seq_rm(target.seq_id, usable, -1)
         target.tokens, target.last_used = list(tokens), slot.last_used
-        target.tiled = usable if self.mode == "exact" else 0
+        target.classes = bytearray(slot.classes[:usable])
         self.report.parked_saves += 1
 
     def _unpark(self, parked: Slot, slot: Slot) -> None:
         """A parked conversation back into a slot (whose cells are gone): the stream copied whole."""
         self.model.seq_cp(parked.seq_id, slot.seq_id)
-        slot.tokens, slot.tiled, slot.pending = list(parked.tokens), parked.tiled, []
+        slot.tokens, slot.classes, slot.pending = list(parked.tokens), parked.classes, []
         self.model.seq_rm(parked.seq_id)  # its buffer is read by the copy, which runs before any write
-        parked.tokens, parked.tiled = [], 0
+        parked.tokens, parked.classes = [], bytearray()
         self.report.parked_restores += 1
 
     # --- while a request runs ---------------------------------------------------------------------
     def prefilled(self, slot: Slot, tokens: list[int], start: int, end: int) -> None:
         """Cells [start, end) of `tokens` were written by one prompt chunk."""
         slot.tokens = tokens[:end]
-        if end - start >= TILED_FROM_ROWS and slot.tiled == start:
-            slot.tiled = end
+        if len(slot.classes) >= start:
+            slot.classes[start:] = bytes([self.rules.of(end - start)]) * (end - start)
 
     def copy(self, src: Slot, dst: Slot) -> None:
         """Another choice of the same prompt: copy the prompt's cells instead of prefilling again."""
         self.model.seq_cp(src.seq_id, dst.seq_id)
         dst.tokens = list(src.tokens)
-        dst.tiled = src.tiled
+        dst.classes = bytearray(src.classes)
 
-    def release(self, slot: Slot, kept: list[int]) -> None:
-        """A request ended; its cells hold `kept` (prompt and generated tokens) and stay as cache."""
+    def release(self, slot: Slot, kept: list[int], prompt: int, decoded: bool, chat: bool) -> None:
+        """A request ended; its cells hold `kept` (its `prompt` tokens, then generated ones) and stay
+        as cache. decoded: every generated cell was written by a decode of at most vec_rows rows (a
+        VEC cell); chat: the request was a chat prompt, whose answer the next turn computes as
+        decoded (decode_plan.canonical_ends), so it stays as it is; other answers are re-prefilled as
+        tiled cells when the engine is idle, as a completion that continues them computes them."""
         slot.busy = False
         if self.mode == "off":
             self.reset(slot)
             return
-        keep = min(slot.tiled, len(kept)) if self.mode == "exact" else len(kept)
+        if self.mode != "exact":
+            self.model.seq_rm(slot.seq_id, len(kept), -1)
+            slot.tokens, slot.pending = kept, []
+            return
+        classes = slot.classes[: min(prompt, len(kept))]
+        if len(classes) == min(prompt, len(kept)) and decoded and chat and self.rules.segments:
+            classes += bytes([VEC]) * (len(kept) - len(classes))
+        keep = _known(classes)
         self.model.seq_rm(slot.seq_id, keep, -1)
-        slot.tokens = kept[:keep]
-        slot.tiled = keep if self.mode == "exact" else 0
-        slot.pending = kept[keep:] if self.mode == "exact" else []
+        slot.tokens, slot.classes = kept[:keep], classes[:keep]
+        slot.pending = kept[keep:] if not (chat and self.rules.segments) else []
 
     def reset(self, slot: Slot) -> None:
         """Forget a slot's cells (after a failure, or when the context was used by hand)."""
         self.model.seq_rm(slot.seq_id)
-        slot.tokens, slot.tiled, slot.pending, slot.busy = [], 0, [], False
+        slot.tokens, slot.classes, slot.pending, slot.busy = [], bytearray(), [], False
 
     # --- idle work --------------------------------------------------------------------------------
     def has_idle_work(self) -> bool:
@@ -268,11 +293,10 @@ class SlotManager:
                 continue
             # Short chunks, so that a request arriving meanwhile waits for at most ~128 rows (tiled
             # cells are the same whatever the chunk's length).
-            start, ends = tiled_chunks(slot.tiled, len(tokens), min(self.chunk, IDLE_CHUNK_ROWS))
-            if start < slot.tiled:
-                self.model.seq_rm(slot.seq_id, start, -1)
-                slot.tokens, slot.tiled = tokens[:start], start
-                slot.pending = tokens[start:]
+            start, ends = tiled_chunks(_leading(slot.classes, TILED), len(tokens), min(self.chunk, IDLE_CHUNK_ROWS))
+            self.model.seq_rm(slot.seq_id, start, -1)  # cells past the tiled ones are written again
+            slot.tokens, slot.pending = tokens[:start], tokens[start:]
+            del slot.classes[start:]
             return slot, tokens, start, ends[0]
         return None
 
@@ -288,3 +312,17 @@ class SlotManager:
             r.ram_entries, r.ram_bytes, r.ram_restores = len(self.ram), self.ram.bytes, self.ram.restores
             r.ram_hit_rate = round(self.ram.restores / self.ram.lookups, 4) if self.ram.lookups else None
         return r.model_copy()
+
+
+def _known(classes: bytearray) -> int:
+    """How many leading cells have a known class."""
+    i = classes.find(NONE)
+    return len(classes) if i < 0 else i
+
+
+def _leading(classes: bytearray, cls: int) -> int:
+    """How many leading cells are of class `cls`."""
+    n = 0
+    while n < len(classes) and classes[n] == cls:
+        n += 1
+    return n

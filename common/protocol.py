@@ -244,6 +244,8 @@ class Stats(BaseModel):
     prompt_tokens: int
     tokens_generated: int
     decode_seconds: float
+    step_seconds: float = Field(0.0, description="wall time of the engine steps; minus decode_seconds, the time a step "
+                                "spends outside llama_decode (scheduling, sampling, drafting, handing events over)")
     medusa: MedusaReport | None = None
     speculation: dict | None = Field(None, description="drafting sources (medusa, lookup, forced): verified and judged "
                                      "acceptance, decode costs, per-step decisions")

@@ -34,6 +34,16 @@ def test_vicuna_fallback_matches_fastchat_v1_1():
     assert default.endswith("USER: Hi ASSISTANT:")
 
 
+@pytest.mark.parametrize("name,colon", [("transcript", "Assistant:"), ("vicuna", "ASSISTANT:")])
+def test_fallbacks_render_a_streamed_answer_as_it_was_generated(name, colon):
+    """The generation prompt ends at the colon and the model writes the space: an answer sent back with
+    it gets no second one (else the history tokenizes unlike the answer's cells); one without gets one."""
+    t = choose_template(name, None, "llama", "x")
+    with_space = t.render([*MSGS[1:2], {"role": "assistant", "content": " Hello!"}, MSGS[3]], "<s>", "</s>")
+    without = t.render(MSGS[1:], "<s>", "</s>")
+    assert with_space == without and f"{colon} Hello!" in without and f"{colon}  Hello" not in with_space
+
+
 def test_gguf_template_wins_and_override_beats_it(tmp_path):
     gguf = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
     assert choose_template("", gguf, "gemma3", "x").render(MSGS[1:2], "", "") == "[user]Hi"
@@ -49,3 +59,17 @@ def test_template_errors_are_reported_not_crashed():
     t = choose_template("", "{{ raise_exception('roles must alternate') }}", "x", "y")
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         t.render(MSGS, "", "")
+
+
+def test_answer_spans_are_the_tokens_wholly_inside_each_answer():
+    from backend.prepare import answer_spans
+
+    pieces = [b"<s>", b"User:", b" Hi", b"\n", b"Assistant:", b" Hello", b" there", b"\n", b"User:", b" Hi",
+              b"\n", b"Assistant:", b" Hello", b" there", b"\n", b"User:", b" ok", b"\n", b"Assistant:"]
+    text = b"".join(pieces).decode()
+    # the same answer twice: each found after the one before
+    assert answer_spans(text, pieces, [" Hello there", " Hello there"]) == [(5, 7), (12, 14)]
+    assert answer_spans(text, pieces, ["ello there"]) == [(6, 7)]  # " Hello" straddles the start
+    assert answer_spans(text, pieces, ["", "not in it", " Hello"]) == [(5, 6)]
+    assert answer_spans(text, pieces, ["Hello there\n\n"]) == [(6, 7)]  # a template that trims it
+    assert answer_spans(text, pieces[:-1], [" Hello there"]) == []  # pieces that do not spell the text

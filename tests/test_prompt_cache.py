@@ -10,7 +10,19 @@ import numpy as np
 import pytest
 
 from backend.config import BackendSettings
-from backend.decode_plan import TILED_FROM_ROWS, cold_chunks, reuse_plan, tiled_chunks, tiled_end
+from backend.decode_plan import (
+    MIXED,
+    NONE,
+    TILED,
+    TILED_FROM_ROWS,
+    VEC,
+    CellRules,
+    canonical_ends,
+    classes_of,
+    cold_chunks,
+    exact_plan,
+    tiled_chunks,
+)
 from backend.local import run_requests
 from backend.ram_tier import RamTier, common_prefix
 from backend.runtime import ModelService
@@ -22,34 +34,78 @@ _ids = iter(range(10**9))
 
 
 # --- plans, without a model ----------------------------------------------------------------------
+RULES = [CellRules(), CellRules(7, True), CellRules(3, True), CellRules(7, False)]
+
+
+def _random_spans(rng: random.Random, n: int) -> list[tuple[int, int]] | None:
+    if rng.random() < 0.3:
+        return None
+    spans, pos = [], 0
+    for _ in range(rng.randint(0, 3)):
+        a = rng.randint(pos, n)
+        b = rng.randint(a, min(n, a + 120))
+        if b > a:
+            spans.append((a, b))
+        pos = b
+    return spans
+
+
 @pytest.mark.parametrize("chunk", [64, 100, 256])
-def test_reuse_plan_computes_every_cell_as_a_cold_prefill_would(chunk):
+def test_exact_plan_computes_every_cell_as_the_cold_schedule_would(chunk):
+    """Whatever the cache holds (the cells of an earlier prompt's schedule, then decoded ones), the
+    plan reuses only cells of the class the cold schedule writes there and computes the rest in
+    chunks that write that class; a class no chunking reproduces (NONE) is computed by its own cold
+    chunk exactly."""
     rng = random.Random(chunk)
     for _ in range(3000):
+        rules = rng.choice(RULES)
         n = rng.randint(1, 1500)
-        cached = rng.randint(0, n + 10)
-        reuse, ends = reuse_plan(n, cached, chunk)
-        cold, tiled = cold_chunks(n, chunk), tiled_end(n, chunk)
-        assert 0 <= reuse <= min(cached, n - 1) and ends[-1] == n
+        spans = _random_spans(rng, n)
+        m = rng.randint(1, n + 10)  # an earlier prompt sharing a prefix, then its decoded tokens
+        earlier = classes_of(canonical_ends(m, chunk, [s for s in spans if s[1] <= m] if spans else spans, rules), rules)
+        cached = (earlier + bytes([VEC]) * rng.randint(0, 60))[: rng.randint(0, n + 10)]
+        shared = rng.randint(0, len(cached))
+        reuse, ends = exact_plan(n, chunk, spans, rules, shared, cached)
+        cold = canonical_ends(n, chunk, spans, rules)
+        want = classes_of(cold, rules)
+        assert 0 <= reuse <= min(shared, n - 1) and ends[-1] == n
+        assert all(cached[i] == want[i] != NONE for i in range(reuse))
         starts = [reuse] + ends[:-1]
         assert all(a < b for a, b in zip(starts, ends))
+        cold_pairs = set(zip([0] + cold[:-1], cold))
         for a, b in zip(starts, ends):
-            assert b - a <= max(chunk, 2 * TILED_FROM_ROWS - 1)  # fits BATCH_SIZE (config checks it)
-            if b <= tiled:
-                assert b - a >= TILED_FROM_ROWS  # tiled cells come from tiled chunks
-        if tiled < n:  # a short last chunk runs exactly as in the cold schedule
-            assert (starts[-1], ends[-1]) == ((cold[-2] if len(cold) > 1 else 0), n)
+            assert b - a <= max(chunk, TILED_FROM_ROWS - 1)  # fits BATCH_SIZE (config checks it)
+            got = rules.of(b - a)
+            assert all(want[i] == got for i in range(a, b)), (n, spans, reuse, ends, a, b)
+            if got == NONE:
+                assert (a, b) in cold_pairs
         if reuse == 0:
             assert ends == cold
 
 
-def test_reuse_plan_examples():
-    assert reuse_plan(1994, 1900, 256) == (1900, [1994])  # a next turn: only the new rows
-    assert reuse_plan(1950, 1930, 256) == (1886, [1950])  # at least 64 rows: back off
-    assert reuse_plan(2060, 2055, 256) == (2048, [2060])  # a 12-row last chunk, as a cold prefill runs it
-    assert reuse_plan(2060, 1000, 256) == (1000, [1209, 1419, 1628, 1838, 2048, 2060])
-    assert reuse_plan(40, 39, 256) == (0, [40])  # one short chunk: nothing tiled to reuse
-    assert reuse_plan(600, 600, 32) == (0, cold_chunks(600, 32))  # chunks below 64 rows: nothing reusable
+def test_canonical_schedule_runs_answers_as_decoded():
+    r = CellRules(7, True)
+    assert canonical_ends(600, 256, None, r) == cold_chunks(600, 256) == canonical_ends(600, 256, [(100, 120)], CellRules())
+    recompute = CellRules(7, True, answers=False)  # PROMPT_CACHE_ANSWERS=recompute
+    assert canonical_ends(600, 256, [(100, 120)], recompute) == cold_chunks(600, 256)
+    # system + first message to 300 (256 + 44), the answer 300..318 in chunks of 7, then the next message
+    assert canonical_ends(340, 256, [(300, 318)], r) == [256, 300, 307, 314, 318, 340]
+    assert classes_of([256, 300, 307, 314, 318, 340], r) == bytes([TILED] * 256 + [MIXED] * 44 + [VEC] * 18 + [MIXED] * 22)
+
+
+def test_exact_plan_examples():
+    t = CellRules()
+    tiled = bytes([TILED])
+    assert exact_plan(1994, 256, None, t, 1900, tiled * 1900) == (1900, [1994])  # a next turn: only the new rows
+    assert exact_plan(1950, 256, None, t, 1930, tiled * 1930) == (1886, [1950])  # at least 64 rows: back off
+    assert exact_plan(2060, 256, None, t, 2055, tiled * 2055) == (2048, [2060])  # a 12-row last chunk, as cold
+    assert exact_plan(2060, 256, None, t, 1000, tiled * 1000) == (960, [1024, 1280, 1536, 1792, 2048, 2060])
+    assert exact_plan(40, 256, None, t, 39, bytes([MIXED]) * 39) == (0, [40])  # short chunks unknown: nothing
+    assert exact_plan(40, 256, None, CellRules(7, True), 39, bytes([MIXED]) * 39) == (32, [40])  # measured: reused
+    r = CellRules(7, True)
+    turn1 = classes_of(canonical_ends(300, 256, [], r), r)
+    answer = bytes([VEC]) * 17  # 18 tokens generated: the last one has no cell
+    assert exact_plan(340, 256, [(300, 318)], r, 317, turn1 + answer) == (317, [318, 340])
     assert tiled_chunks(100, 130, 256) == (66, [130])
 
 
@@ -228,3 +284,52 @@ def test_fast_mode_reuses_every_cell(model_service):
         _, second = _turn(service, follow)
         assert second.prompt.prompt_tokens - second.prompt.cached_tokens < 40
         assert service.stats().prompt_cache.mode == "fast"
+
+
+def test_chat_history_reuses_the_cells_of_the_answer(model_service):
+    """Through the chat template (the default model's transcript fallback): the answer a client sends
+    back, as it was streamed (" We ..."), renders into the tokens it was generated as, so the next turn
+    prefills only its new message."""
+    from common.protocol import ChatMessage
+
+    with ModelService(BackendSettings(model=str(model_service.model.path), ctx_size=1024, n_parallel=2, threads=2,
+                                      medusa_heads="none", prompt_cache="fast")) as service:
+        assert service.template.source == "transcript"
+        msgs = [ChatMessage(role="system", content=LONG_PROMPTS[1][:1200]),
+                ChatMessage(role="user", content="What is this text about?")]
+        r = GenerationRequest(id=f"c{next(_ids)}", messages=msgs, temperature=0.0, max_tokens=24)
+        first = run_requests(service, [r])[r.id]
+        answer = first.choices[0].text
+        assert answer[:1].isspace(), answer  # the model writes the space after "Assistant:"
+        msgs += [ChatMessage(role="assistant", content=answer), ChatMessage(role="user", content="Say more.")]
+        r = GenerationRequest(id=f"c{next(_ids)}", messages=msgs, temperature=0.0, max_tokens=4)
+        second = run_requests(service, [r])[r.id].prompt
+        assert second.cached_tokens >= first.prompt.prompt_tokens + first.choices[0].completion_tokens - 2, second
+        assert second.prompt_tokens - second.cached_tokens < 16, second
+
+
+def test_chat_turns_reuse_their_answers_as_decoded_and_stay_exact(model_service, cold_service):
+    """Exact mode, chat: an earlier answer's cells are reused as its decode steps wrote them (the cold
+    schedule computes answers in decode-sized chunks, decode_plan.canonical_ends), so each next turn
+    prefills only its new message (and the last answer token, when max_tokens cut the answer), and
+    gives, token id and logprob, what a fresh server gives. An answer sent back changed is
+    recomputed and stays exact."""
+    from common.protocol import ChatMessage
+
+    assert model_service.limit.cell_rules.segments  # measured at load on this CPU
+    msgs = [ChatMessage(role="system", content=LONG_PROMPTS[1][:1400])]
+    for turn, (question, max_tokens, edit) in enumerate([("What is this text about?", 24, str),
+                                                          ("Say more.", 9, str),  # cut by max_tokens
+                                                          ("And then?", 12, lambda a: " Well," + a),
+                                                          ("Thanks. One more detail?", 12, str)]):
+        msgs.append(ChatMessage(role="user", content=question))
+        r = GenerationRequest(id=f"c{next(_ids)}", messages=list(msgs), temperature=0.0, max_tokens=max_tokens, logprobs=0)
+        warm = run_requests(model_service, [r])[r.id]
+        cold = run_requests(cold_service, [r.model_copy(update={"id": f"c{next(_ids)}"})])
+        _same(warm, next(iter(cold.values())))
+        new = len(model_service.model.tokenize(f"\nUser: {question}\nAssistant:", add_special=False))
+        if turn in (1, 2):  # the answer before came back as generated
+            assert warm.prompt.prompt_tokens - warm.prompt.cached_tokens <= new + 1, warm.prompt
+        if turn == 3:  # it came back changed: its tokens are recomputed in decode-sized chunks
+            assert 0 < warm.prompt.cached_tokens < warm.prompt.prompt_tokens - new
+        msgs.append(ChatMessage(role="assistant", content=edit(warm.choices[0].text)))

@@ -12,7 +12,7 @@ from backend.spec.build import cost_rows
 from backend.spec.draft_plan import CostTable, Option, choose
 from backend.spec.head_compute import HeadCompute, choose_device, compute_for, torch_cuda_available
 from backend.spec.heads import Head, HeadsError, MedusaHeads
-from backend.spec.verify_rows import MAX_ROWS, largest_exact, rows_match, verify_limit
+from backend.spec.verify_rows import MAX_ROWS, largest_exact, mixed_chunks_match, rows_match, verify_limit
 
 H, V = 32, 200
 rng = np.random.default_rng(7)
@@ -139,6 +139,11 @@ def test_the_probe_on_the_default_model_measures_exact_rows(model_service):
     assert model_service.engine.scheduler.max_draft == limit.rows - 1
     fast = model_service.engine.call(lambda m: verify_limit(m, "fast"))
     assert fast.rows == MAX_ROWS and not fast.probed
+    # Prompt chunks past the verify limit and below 64 rows write equal cells (the exact prompt
+    # cache's MIXED class); the probe does tell chunks of two classes apart (4 rows then 44).
+    assert limit.mixed_exact is True and limit.cell_rules.segments
+    assert not model_service.engine.call(lambda m: mixed_chunks_match(m, 3))
+    assert model_service.stats().verify["mixed_chunks_exact"] is True
 
 
 def test_exactness_fast_verifies_longer_drafts_and_no_companions(model_service):

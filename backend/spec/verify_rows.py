@@ -14,7 +14,9 @@ with it, and the limit is the last row count before the first mismatch. Under EX
 count up to MAX_ROWS is allowed, as llama-server drafts whatever its settings say.
 
 The probe runs at one position (after CALIBRATION_TEXT, below the 256 cells at which the split-KV
-path starts: backend/decode_plan.py), the position the cost measurement uses.
+path starts: backend/decode_plan.py), the position the cost measurement uses. A second probe
+(`mixed_chunks_match`) checks that prompt chunks between that limit and 64 rows write equal cells
+whatever their length, which the exact prompt cache's cell classes rest on (decode_plan.CellRules).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.decode_plan import TILED_FROM_ROWS
+from backend.decode_plan import TILED_FROM_ROWS, CellRules
 from backend.llama_model import LlamaModel
 from backend.spec.costs import CALIBRATION_TEXT
 
@@ -47,15 +49,26 @@ class VerifyLimit:
     # A token decoded beside another sequence's gets the logits it gets alone (None: not probed). The
     # engine relies on it for output independent of load; measured 0 difference on the CPU.
     shared_exact: bool | None = None
+    # Prompt chunks of rows+1..63 rows write equal cells whatever their length (None: not probed).
+    # With it, the exact prompt cache reuses a conversation's answers as decoded (decode_plan.CellRules).
+    mixed_exact: bool | None = None
 
     @property
     def max_draft(self) -> int:
         return self.rows - 1
 
+    @property
+    def cell_rules(self) -> CellRules:
+        """Which cells the exact prompt cache may take as equal: measured classes under strict, else
+        tiled cells only (fast mode reuses every cell anyway)."""
+        if self.exactness != "strict" or not self.probed:
+            return CellRules()
+        return CellRules(vec_rows=self.rows, mixed=bool(self.mixed_exact))
+
     def as_dict(self) -> dict:
         return {"verify_max_rows": self.rows, "exactness": self.exactness,
                 "exact_by_rows": {str(k): v for k, v in sorted(self.probed.items())},
-                "shared_step_exact": self.shared_exact, "note": self.note}
+                "shared_step_exact": self.shared_exact, "mixed_chunks_exact": self.mixed_exact, "note": self.note}
 
 
 def largest_exact(probed: dict[int, bool], cap: int = MAX_ROWS) -> int:
@@ -114,6 +127,37 @@ def measure(model: LlamaModel, cap: int = MAX_ROWS, seq_id: int = 0) -> tuple[di
     return probed, shared
 
 
+def mixed_chunks_match(model: LlamaModel, vec_rows: int, rows: int = 48, seq_id: int = 0) -> bool:
+    """Whether a prompt's last `rows` tokens written as one chunk, as a chunk of vec_rows+1 rows and
+    one of the rest, and as two halves leave the next token bit-identical logits (the MIXED class of
+    backend/decode_plan.py: chunks of vec_rows+1..63 rows write equal cells)."""
+    prompt = model.tokenize(" ".join([CALIBRATION_TEXT] * 4), True)
+    n = len(prompt)
+    head = n - rows
+    if head < 1 or vec_rows + 1 >= rows // 2:
+        return False
+    model.prefill(prompt[:head], seq_id)
+    out = []
+    for ends in ([n], [head + vec_rows + 1, n], [head + rows // 2, n]):
+        model.seq_rm(seq_id, head, -1)
+        start = head
+        for end in ends:
+            model.batch_clear()
+            for p in range(start, end):
+                last = model.batch_add(prompt[p], p, seq_id, p == end - 1)
+            if model.decode() != 0:
+                raise RuntimeError("llama_decode failed while probing prompt chunks")
+            start = end
+        token = int(np.argmax(model.logits(last)))
+        model.batch_clear()
+        model.batch_add(token, n, seq_id, True)
+        if model.decode() != 0:
+            raise RuntimeError("llama_decode failed while probing prompt chunks")
+        out.append(model.logits(0).copy())
+    model.seq_rm(seq_id)
+    return all(np.array_equal(out[0], o) for o in out[1:])
+
+
 def verify_limit(model: LlamaModel, exactness: str) -> VerifyLimit:
     """The verify limit for this model and EXACTNESS setting, measured now under strict."""
     if exactness == "fast":
@@ -122,9 +166,11 @@ def verify_limit(model: LlamaModel, exactness: str) -> VerifyLimit:
         return VerifyLimit(UNMEASURED_ROWS, "strict", note="not measured: this memory cannot drop a probe's cells")
     probed, shared = measure(model)
     rows = largest_exact(probed)
+    mixed = mixed_chunks_match(model, rows)
     limit = VerifyLimit(rows, "strict", probed, note=f"measured: decodes of up to {rows} rows match one-by-one decoding",
-                        shared_exact=shared)
-    log.info("verify decodes: up to %d rows exact (probed %s)", rows, probed)
+                        shared_exact=shared, mixed_exact=mixed)
+    log.info("verify decodes: up to %d rows exact (probed %s); prompt chunks of %d..%d rows equal: %s",
+             rows, probed, rows + 1, TILED_FROM_ROWS - 1, mixed)
     if shared is False:
         log.warning("a token decoded beside another sequence gets other logits than alone on this backend: "
                     "greedy output may depend on load here")
