@@ -162,9 +162,10 @@ class Engine:
         self._flush()
 
     def _wait_for(self) -> float:
-        """How long the loop may wait for a command: not at all while requests run, until idle work
-        is due when there is some, else half a second (then it looks again)."""
-        if self.scheduler.busy:
+        """How long the loop may wait for a command: not at all while requests run or a cut answer's
+        last token waits for its cell, until idle work is due when there is some, else half a second
+        (then it looks again)."""
+        if self.scheduler.busy or self.slots.has_tail_work():
             return 0.0
         if self.slots.has_idle_work():
             return max(0.0, IDLE_AFTER_S - (time.monotonic() - self._last_work))
@@ -410,7 +411,8 @@ class Engine:
     def _postprocess(self) -> None:
         for req in self.scheduler.retire():
             for seq in req.seqs:
-                self.slots.release(seq.slot, seq.kept_tokens(), len(req.tokens), seq.vec_cells, req.prep.spans is not None)
+                cut = seq.last_token if seq.finish_reason == "length" else None
+                self.slots.release(seq.slot, seq.kept_tokens(), len(req.tokens), seq.vec_cells, req.prep.spans is not None, cut)
         if self.spec is not None and not self.spec.on and self.model.embeddings:
             self.model.stop_hidden_states()  # speculation is off for good: stop producing hidden states
         self._flush()

@@ -99,8 +99,8 @@ class Scheduler:
         req = next((r for r in self.running if not r.decoding), None)
         if req is not None:
             step.prefill = (req, req.prefilled, req.chunk_ends[0])
-        elif not decoding and not self.waiting and idle_ok:
-            step.idle = self.slots.idle_chunk()
+        elif not decoding and not self.waiting:
+            step.idle = self.slots.idle_chunk(long_ok=idle_ok)
         return step
 
     def retire(self) -> list[Request]:

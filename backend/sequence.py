@@ -54,6 +54,7 @@ class Sequence:
         # those cells are the ones one-by-one decoding writes (decode_plan.VEC; the prompt cache's).
         self.vec_cells = True
         self.finished = False
+        self.finish_reason: FinishReason | None = None
 
     @property
     def seq_id(self) -> int:
@@ -130,6 +131,7 @@ class Sequence:
             if tail:
                 events.append(DeltaEvent(id=self.request.id, index=self.index, text=tail, token_ids=[]))
         self.finished = True
+        self.finish_reason = reason
         self.sampler.close()
         events.append(DoneEvent(id=self.request.id, index=self.index, finish_reason=reason, completion_tokens=self.generated,
                                 stop_sequence=self.text.matched if reason == "stop" else None))

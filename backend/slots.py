@@ -46,6 +46,9 @@ class Slot:
     # Exact mode: the class of each leading cell (decode_plan: VEC, MIXED, TILED) as far as it is known.
     classes: bytearray = field(default_factory=bytearray)
     pending: list[int] = field(default_factory=list)  # exact mode: tokens after the cells, to re-prefill when idle
+    # Exact mode, chat: the answer's last token when max_tokens cut it (never decoded, so it has no
+    # cell), decoded at once when nothing else runs, so that the next turn finds it (one row).
+    tail: int | None = None
     last_used: int = 0
     busy: bool = False
 
@@ -198,7 +201,7 @@ class SlotManager:
         self.model.seq_rm(slot.seq_id, keep, -1)
         del slot.tokens[keep:]
         del slot.classes[keep:]
-        slot.pending = []
+        slot.pending, slot.tail = [], None
 
     def _to_ram(self, slot: Slot, keep: int) -> None:
         """Save the slot's reusable cells (as far as a restore gives them back exactly) to the RAM tier."""
@@ -234,7 +237,7 @@ class SlotManager:
     def _unpark(self, parked: Slot, slot: Slot) -> None:
         """A parked conversation back into a slot (whose cells are gone): the stream copied whole."""
         self.model.seq_cp(parked.seq_id, slot.seq_id)
-        slot.tokens, slot.classes, slot.pending = list(parked.tokens), parked.classes, []
+        slot.tokens, slot.classes, slot.pending, slot.tail = list(parked.tokens), parked.classes, [], None
         self.model.seq_rm(parked.seq_id)  # its buffer is read by the copy, which runs before any write
         parked.tokens, parked.classes = [], bytearray()
         self.report.parked_restores += 1
@@ -251,13 +254,15 @@ class SlotManager:
         self.model.seq_cp(src.seq_id, dst.seq_id)
         dst.tokens = list(src.tokens)
         dst.classes = bytearray(src.classes)
+        dst.tail = None
 
-    def release(self, slot: Slot, kept: list[int], prompt: int, decoded: bool, chat: bool) -> None:
+    def release(self, slot: Slot, kept: list[int], prompt: int, decoded: bool, chat: bool, cut: int | None = None) -> None:
         """A request ended; its cells hold `kept` (its `prompt` tokens, then generated ones) and stay
         as cache. decoded: every generated cell was written by a decode of at most vec_rows rows (a
         VEC cell); chat: the request was a chat prompt, whose answer the next turn computes as
-        decoded (decode_plan.canonical_ends), so it stays as it is; other answers are re-prefilled as
-        tiled cells when the engine is idle, as a completion that continues them computes them."""
+        decoded (decode_plan.canonical_ends), so it stays as it is, and `cut`, its last token when
+        max_tokens ended it, gets its cell next (Slot.tail); other answers are re-prefilled as tiled
+        cells when the engine is idle, as a completion that continues them computes them."""
         slot.busy = False
         if self.mode == "off":
             self.reset(slot)
@@ -273,19 +278,32 @@ class SlotManager:
         self.model.seq_rm(slot.seq_id, keep, -1)
         slot.tokens, slot.classes = kept[:keep], classes[:keep]
         slot.pending = kept[keep:] if not (chat and self.rules.segments) else []
+        # (its cell needs a companion row at the next position: decode_plan.needs_companion)
+        slot.tail = cut if chat and self.rules.segments and keep == len(kept) and keep + 1 < self.model.n_cells else None
 
     def reset(self, slot: Slot) -> None:
         """Forget a slot's cells (after a failure, or when the context was used by hand)."""
         self.model.seq_rm(slot.seq_id)
-        slot.tokens, slot.classes, slot.pending, slot.busy = [], bytearray(), [], False
+        slot.tokens, slot.classes, slot.pending, slot.tail, slot.busy = [], bytearray(), [], None, False
 
     # --- idle work --------------------------------------------------------------------------------
     def has_idle_work(self) -> bool:
-        return any(s.pending and not s.busy for s in self.slots)
+        return any((s.pending or s.tail is not None) and not s.busy for s in self.slots)
 
-    def idle_chunk(self) -> tuple[Slot, list[int], int, int] | None:
-        """Exact mode, nothing else to do: the next chunk that turns a free slot's generated tokens
-        into tiled cells (most recently used slot first): (slot, its tokens, start, end)."""
+    def has_tail_work(self) -> bool:
+        """A free slot's answer lacks its last token's cell: one row, worth doing at once."""
+        return any(s.tail is not None and not s.busy for s in self.slots)
+
+    def idle_chunk(self, long_ok: bool = True) -> tuple[Slot, list[int], int, int] | None:
+        """Exact mode, nothing else to do: the next idle chunk, (slot, its tokens, start, end): a free
+        slot's cut answer's last token (Slot.tail), else, if long_ok, a chunk that turns a free slot's
+        generated tokens into tiled cells (most recently used slot first)."""
+        for slot in self.slots:
+            if slot.tail is not None and not slot.busy:
+                tokens, slot.tail = slot.tokens + [slot.tail], None
+                return slot, tokens, len(tokens) - 1, len(tokens)
+        if not long_ok:
+            return None
         for slot in sorted((s for s in self.slots if s.pending and not s.busy), key=lambda s: -s.last_used):
             tokens = slot.tokens + slot.pending
             if len(tokens) < TILED_FROM_ROWS:

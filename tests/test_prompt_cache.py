@@ -5,6 +5,7 @@ what it gives on a server without one)."""
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -310,8 +311,8 @@ def test_chat_history_reuses_the_cells_of_the_answer(model_service):
 
 def test_chat_turns_reuse_their_answers_as_decoded_and_stay_exact(model_service, cold_service):
     """Exact mode, chat: an earlier answer's cells are reused as its decode steps wrote them (the cold
-    schedule computes answers in decode-sized chunks, decode_plan.canonical_ends), so each next turn
-    prefills only its new message (and the last answer token, when max_tokens cut the answer), and
+    schedule computes answers in decode-sized chunks, decode_plan.canonical_ends; an answer cut by
+    max_tokens gets its last token's cell right after), so each next turn prefills only its new message, and
     gives, token id and logprob, what a fresh server gives. An answer sent back changed is
     recomputed and stays exact."""
     from common.protocol import ChatMessage
@@ -328,8 +329,11 @@ def test_chat_turns_reuse_their_answers_as_decoded_and_stay_exact(model_service,
         cold = run_requests(cold_service, [r.model_copy(update={"id": f"c{next(_ids)}"})])
         _same(warm, next(iter(cold.values())))
         new = len(model_service.model.tokenize(f"\nUser: {question}\nAssistant:", add_special=False))
-        if turn in (1, 2):  # the answer before came back as generated
-            assert warm.prompt.prompt_tokens - warm.prompt.cached_tokens <= new + 1, warm.prompt
+        if turn in (1, 2):  # the answer before came back as generated, its last token decoded meanwhile
+            assert warm.prompt.prompt_tokens - warm.prompt.cached_tokens <= new, warm.prompt
         if turn == 3:  # it came back changed: its tokens are recomputed in decode-sized chunks
             assert 0 < warm.prompt.cached_tokens < warm.prompt.prompt_tokens - new
         msgs.append(ChatMessage(role="assistant", content=edit(warm.choices[0].text)))
+        deadline = time.monotonic() + 10  # a cut answer's last token gets its cell as soon as nothing runs
+        while model_service.engine.slots.has_tail_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
