@@ -94,23 +94,50 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], bos_token: str, eos_token: str, tools: list[dict] | None = None) -> str:
         """messages: protocol ChatMessage dicts; tools: protocol ToolDefinition dicts."""
-        messages, extra = self._inputs(messages, tools or [])
+        inputs, extra = self._inputs(messages, tools or [])
         try:
             return _compile(self.text).render(
-                messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, **extra
+                messages=inputs, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True, **extra
             )
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template rejected these messages: {e}") from e
 
-    def answers(self, messages: list[dict], tools: list[dict] | None = None) -> list[str]:
-        """The text of each assistant message as the template receives it (a reply's tool calls
-        written in the generic format), in order: where to look for earlier answers in the prompt."""
-        return [m.get("content") or "" for m in self._inputs(messages, tools or [])[0] if m.get("role") == "assistant"]
+    def answer_ranges(self, text: str, messages: list[dict], bos_token: str, eos_token: str,
+                      tools: list[dict] | None = None) -> list[tuple[int, int]]:
+        """Where `text` (these messages rendered) holds each earlier answer: character ranges. An
+        answer is looked for right where the conversation before it ends, rendered with its
+        generation prompt (a few characters of slack for a separator; trimmed if the template trims
+        it), so text the answer repeats from elsewhere is never taken for it. Answers not found
+        there (a template that rewrites them, or one that does not render a prefix as the start of
+        the whole) get no range."""
+        inputs, extra = self._inputs(messages, tools or [])
+        out = []
+        for i, m in enumerate(inputs):
+            content = m.get("content") or ""
+            if m.get("role") != "assistant" or not content.strip():
+                continue
+            try:
+                prefix = _compile(self.text).render(messages=inputs[:i], bos_token=bos_token, eos_token=eos_token,
+                                                    add_generation_prompt=True, **extra)
+            except Exception:  # a template that refuses a conversation's prefix: no range, never an error
+                continue
+            if not text.startswith(prefix):
+                continue
+            for wanted in (content, content.strip()):
+                j = text.find(wanted, len(prefix), len(prefix) + len(wanted) + ANSWER_SLACK)
+                if j >= 0:
+                    out.append((j, j + len(wanted)))
+                    break
+        return out
 
     def _inputs(self, messages: list[dict], tools: list[dict]) -> tuple[list[dict], dict]:
         if tools and self.renders_tools:
             return [_hf_message(m) for m in messages], {"tools": [{"type": "function", "function": t} for t in tools]}
         return _generic_messages(messages, tools), {}
+
+
+# Characters a template may put between its generation prompt and an answer (a space, a newline).
+ANSWER_SLACK = 4
 
 
 def choose_template(

@@ -65,15 +65,14 @@ def _prepare(
         )
     if req.messages is not None:
         messages, tools = [m.model_dump() for m in req.messages], [t.model_dump() for t in req.tools]
+        bos, eos = model.special_text(model.bos), model.special_text(model.eos)
         try:
-            text = template.render(
-                messages, bos_token=model.special_text(model.bos), eos_token=model.special_text(model.eos), tools=tools,
-            )
+            text = template.render(messages, bos_token=bos, eos_token=eos, tools=tools)
         except ChatTemplateError as e:
             return error(str(e), "messages")
         tokens = model.tokenize(text, add_special=False)
-        answers = template.answers(messages, tools)
-        spans = answer_spans(text, model.pieces(tokens), answers) if any(answers) else []
+        ranges = template.answer_ranges(text, messages, bos, eos, tools) if any(m.role == "assistant" for m in req.messages) else []
+        spans = answer_spans(text, model.pieces(tokens), ranges) if ranges else []
         if model.add_bos and (not tokens or tokens[0] != model.bos):
             tokens.insert(0, model.bos)
             spans = [(a + 1, b + 1) for a, b in spans]
@@ -133,10 +132,10 @@ def _prepare(
     )
 
 
-def answer_spans(text: str, pieces: list[bytes], answers: list[str]) -> list[tuple[int, int]]:
-    """The token ranges of a rendered chat prompt that hold its earlier answers: for each answer in
-    turn, found in the text after the one before, the tokens wholly inside it. pieces: each token's
-    bytes; if they do not spell the text (a tokenizer that rewrites it), no spans."""
+def answer_spans(text: str, pieces: list[bytes], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The token ranges of a rendered chat prompt that hold its earlier answers: for each character
+    range (ChatTemplate.answer_ranges), the tokens wholly inside it. pieces: each token's bytes; if
+    they do not spell the text (a tokenizer that rewrites it), no spans."""
     data = text.encode()
     if b"".join(pieces) != data:
         return []
@@ -145,16 +144,9 @@ def answer_spans(text: str, pieces: list[bytes], answers: list[str]) -> list[tup
         starts.append(at)
         at += len(p)
         ends.append(at)
-    spans, at = [], 0
-    for answer in answers:
-        raw = answer.encode()
-        i = data.find(raw, at) if raw else -1
-        if i < 0:  # templates that trim what they render (Gemma's)
-            raw = answer.strip().encode()
-            i = data.find(raw, at) if raw else -1
-        if i < 0:
-            continue
-        j = at = i + len(raw)
+    spans = []
+    for a, b in ranges:
+        i, j = len(text[:a].encode()), len(text[:b].encode())
         first, last = bisect_left(starts, i), bisect_right(ends, j)
         if last > first:
             spans.append((first, last))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from backend.chat_template import ChatTemplateError, choose_template
+from backend.chat_template import ChatTemplate, ChatTemplateError, choose_template
 
 MSGS = [
     {"role": "system", "content": "Be brief."},
@@ -64,12 +64,29 @@ def test_template_errors_are_reported_not_crashed():
 def test_answer_spans_are_the_tokens_wholly_inside_each_answer():
     from backend.prepare import answer_spans
 
-    pieces = [b"<s>", b"User:", b" Hi", b"\n", b"Assistant:", b" Hello", b" there", b"\n", b"User:", b" Hi",
-              b"\n", b"Assistant:", b" Hello", b" there", b"\n", b"User:", b" ok", b"\n", b"Assistant:"]
+    pieces = [b"<s>", b"User:", b" Hi", b"\n", b"Assistant:", b" H\xc3\xa9llo", b" there", b"\n", b"User:", b" ok",
+              b"\n", b"Assistant:"]
     text = b"".join(pieces).decode()
-    # the same answer twice: each found after the one before
-    assert answer_spans(text, pieces, [" Hello there", " Hello there"]) == [(5, 7), (12, 14)]
-    assert answer_spans(text, pieces, ["ello there"]) == [(6, 7)]  # " Hello" straddles the start
-    assert answer_spans(text, pieces, ["", "not in it", " Hello"]) == [(5, 6)]
-    assert answer_spans(text, pieces, ["Hello there\n\n"]) == [(6, 7)]  # a template that trims it
-    assert answer_spans(text, pieces[:-1], [" Hello there"]) == []  # pieces that do not spell the text
+    start = text.index(" H\u00e9llo")
+    assert answer_spans(text, pieces, [(start, start + 12)]) == [(5, 7)]
+    assert answer_spans(text, pieces, [(start + 1, start + 12)]) == [(6, 7)]  # " Héllo" straddles the start
+    assert answer_spans(text, pieces[:-1], [(start, start + 12)]) == []  # pieces that do not spell the text
+
+
+def test_answer_ranges_find_each_answer_where_its_turn_renders_it():
+    """An answer is looked for right after the conversation before it, so a base model's answer that
+    repeats the user's message (and the template's own lines) is found where it is, not earlier."""
+    t = choose_template("transcript", None, "gemma3", "x")
+    echo = " Name a color.\nAssistant: Name a color.\n"
+    msgs = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": echo},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Thanks."}]
+    text = t.render(msgs, "<s>", "</s>")
+    (a1, b1), (a2, b2) = t.answer_ranges(text, msgs, "<s>", "</s>")
+    assert text[a1:b1] == echo and a1 == len(t.render(msgs[:1], "<s>", "</s>"))
+    assert text[a2:b2] == "Blue." and text[a2 - 1] == " "  # the separator the template adds
+    trims = ChatTemplate("test", "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</>{% endfor %}"
+                                 "{% if add_generation_prompt %}<assistant>{% endif %}")  # as Gemma's own does
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there\n"}, {"role": "user", "content": "Bye"}]
+    text = trims.render(msgs, "<bos>", "<eos>")
+    assert [text[a:b] for a, b in trims.answer_ranges(text, msgs, "<bos>", "<eos>")] == ["Hello there"]
