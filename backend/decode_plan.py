@@ -173,9 +173,8 @@ def exact_plan(n_prompt: int, chunk: int, spans: list[tuple[int, int]] | None, r
     chunk_start, chunk_end = (ends[k - 1] if k else 0), ends[k]
     if reuse == chunk_start:
         return reuse, ends[k:]
-    cls = want[reuse]
-    least = {VEC: 1, MIXED: rules.vec_rows + 1, TILED: TILED_FROM_ROWS}.get(cls)
-    if least is None:  # a class nothing can reproduce: the chunk from its start
-        return (chunk_start, ends[k:]) if chunk_start else (0, ends)
+    # Inside a cold chunk, want[reuse] is the class of cells before it, never NONE (those stop reuse
+    # at the chunk's start).
+    least = {VEC: 1, MIXED: rules.vec_rows + 1, TILED: TILED_FROM_ROWS}[want[reuse]]
     start = min(reuse, chunk_end - least)  # >= chunk_start: a cold chunk has rows of its own class
     return (start, ends[k:]) if start else (0, ends)

@@ -168,26 +168,21 @@ class LlamaModel:
         return list(buf[:n])
 
     def token_bytes(self, token: int) -> bytes:
-        """The token's text as raw bytes (special tokens render as nothing)."""
-        n = llama.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
+        """The token's text as raw bytes (special tokens render as nothing). Engine thread: it
+        writes the model's one piece buffer."""
+        return self._piece(token, self._piece_buf, False)
 
     def pieces(self, tokens: list[int]) -> list[bytes]:
         """Each token's text as raw bytes, special tokens as written (any thread: its own buffer)."""
-        buf, out = ctypes.create_string_buffer(256), []
-        for t in tokens:
-            n = llama.llama_token_to_piece(self.vocab, t, buf, 256, 0, True)
-            if n < 0:
-                big = ctypes.create_string_buffer(-n)
-                n = llama.llama_token_to_piece(self.vocab, t, big, -n, 0, True)
-                out.append(big.raw[:n])
-            else:
-                out.append(buf.raw[:n])
-        return out
+        buf = ctypes.create_string_buffer(256)
+        return [self._piece(t, buf, True) for t in tokens]
+
+    def _piece(self, token: int, buf, special: bool) -> bytes:
+        n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:  # longer than the buffer: once more with one that fits
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
 
     def detokenize(self, tokens: list[int]) -> str:
         arr = (llama.llama_token * max(1, len(tokens)))(*tokens)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 
 import llguidance
 
@@ -139,11 +140,8 @@ def answer_spans(text: str, pieces: list[bytes], ranges: list[tuple[int, int]]) 
     data = text.encode()
     if b"".join(pieces) != data:
         return []
-    starts, ends, at = [], [], 0
-    for p in pieces:
-        starts.append(at)
-        at += len(p)
-        ends.append(at)
+    ends = list(accumulate(len(p) for p in pieces))
+    starts = [0] + ends[:-1]
     spans = []
     for a, b in ranges:
         i, j = len(text[:a].encode()), len(text[:b].encode())
